@@ -1,0 +1,576 @@
+//! Wire messages. Every request and response in peerbus is one of these types.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A frame sent by a client (a CLI, a library user, or a node talking to another node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame on every connection.
+    Hello {
+        /// Protocol the client speaks; must be [`crate::PROTOCOL`].
+        protocol: String,
+        /// Shared secret, required when the node runs with `--auth-token`.
+        token: Option<String>,
+    },
+    /// A request; the response echoes `id`.
+    Request {
+        /// Chosen by the client, unique among its requests in flight.
+        id: u32,
+        /// When false, a peer that does not host the request's topic answers
+        /// [`ErrorCode::NotHost`] instead of forwarding it, so a client with a stale location
+        /// cache learns to look the topic up again.
+        forward: bool,
+        /// What is asked.
+        body: Request,
+    },
+}
+
+/// A frame sent by a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The hello was accepted.
+    Welcome {
+        /// The protocol the server speaks.
+        protocol: String,
+        /// The server's software version.
+        version: String,
+        /// Which kind of node answered.
+        node: NodeKind,
+    },
+    /// The hello or the connection was refused; the server closes the connection next.
+    Refused(WireError),
+    /// The answer to the request with the same id.
+    Response {
+        /// The request's id.
+        id: u32,
+        /// The outcome.
+        body: Result<Response, WireError>,
+    },
+    /// Messages pushed to a following subscription.
+    Delivery {
+        /// The id the client gave in [`Request::Subscribe`].
+        sub: u64,
+        /// The messages, in offset order.
+        messages: MessageSet,
+    },
+    /// A following subscription ended on the server's side (topic deleted, node stopping).
+    SubscriptionEnded {
+        /// The id the client gave in [`Request::Subscribe`].
+        sub: u64,
+        /// Why it ended.
+        reason: WireError,
+    },
+}
+
+/// The kind of node at the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    /// The index server (directory).
+    Index,
+    /// A peer node hosting topics and files.
+    Peer,
+}
+
+/// A request. Index requests are answered by the index; topic requests by peers (and by the
+/// index for `CreateTopic`, which it places on the least-loaded live peer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness probe; answered with [`Response::Pong`].
+    Ping,
+    /// A peer joins (or rejoins, with its id and cookie) the index.
+    Register(RegisterPeer),
+    /// A peer renews its lease.
+    Keepalive(PeerAuth),
+    /// A peer leaves: it is marked inactive and its entries are withdrawn at once.
+    Leave(PeerAuth),
+    /// Lists every known peer.
+    ListPeers,
+    /// A peer claims topics as their host. With `replace`, the claimed set replaces everything
+    /// the peer hosted before (used when re-announcing after a reconnect).
+    AnnounceTopics {
+        /// Who claims.
+        auth: PeerAuth,
+        /// The topics.
+        topics: Vec<String>,
+        /// Replace the peer's whole topic set instead of adding to it.
+        replace: bool,
+    },
+    /// A peer gives up topics (deleted).
+    WithdrawTopics {
+        /// Who withdraws.
+        auth: PeerAuth,
+        /// The topics.
+        topics: Vec<String>,
+    },
+    /// Where is this topic hosted?
+    LookupTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// Lists topics offered by live peers, optionally only those starting with `prefix`.
+    ListTopics {
+        /// Only names starting with this.
+        prefix: Option<String>,
+    },
+    /// Creates a topic. Sent to a peer, that peer hosts it; sent to the index, the index picks
+    /// the least-loaded live peer (or the one named by `peer`) and forwards it there.
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// Retention policy.
+        retention: Retention,
+        /// Only for the index: the address or name of the peer that should host it.
+        peer: Option<String>,
+    },
+    /// Deletes a topic and its data.
+    DeleteTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// Appends a batch of messages to a topic.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The payloads.
+        batch: Batch,
+    },
+    /// Records a subscription, and with `follow` streams messages to this connection.
+    Subscribe(Subscribe),
+    /// Returns messages the subscriber has not pulled yet and advances its committed offset.
+    Pull {
+        /// The topic.
+        topic: String,
+        /// The subscriber's name.
+        subscriber: String,
+        /// At most this many messages.
+        max: u32,
+        /// If nothing is available, wait up to this many milliseconds for a publish.
+        wait_ms: u32,
+    },
+    /// Removes a subscription and its committed offset.
+    Unsubscribe {
+        /// The topic.
+        topic: String,
+        /// The subscriber's name.
+        subscriber: String,
+    },
+    /// Lists the subscribers of a topic with their committed offsets.
+    Subscribers {
+        /// The topic.
+        topic: String,
+    },
+    /// Stops a following subscription opened on this connection.
+    StopFollow {
+        /// The id given in [`Request::Subscribe`].
+        sub: u64,
+    },
+    /// Describes one topic as its host sees it (offsets, counts, retention).
+    TopicStats {
+        /// The topic.
+        topic: String,
+    },
+}
+
+impl Request {
+    /// The topic a peer must host to answer this request, if any.
+    pub fn hosted_topic(&self) -> Option<&str> {
+        match self {
+            Request::DeleteTopic { topic }
+            | Request::Publish { topic, .. }
+            | Request::Pull { topic, .. }
+            | Request::Unsubscribe { topic, .. }
+            | Request::Subscribers { topic }
+            | Request::TopicStats { topic } => Some(topic),
+            Request::Subscribe(s) => Some(&s.topic),
+            _ => None,
+        }
+    }
+
+    /// A short name of the request kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Register(_) => "register",
+            Request::Keepalive(_) => "keepalive",
+            Request::Leave(_) => "leave",
+            Request::ListPeers => "list_peers",
+            Request::AnnounceTopics { .. } => "announce_topics",
+            Request::WithdrawTopics { .. } => "withdraw_topics",
+            Request::LookupTopic { .. } => "lookup_topic",
+            Request::ListTopics { .. } => "list_topics",
+            Request::CreateTopic { .. } => "create_topic",
+            Request::DeleteTopic { .. } => "delete_topic",
+            Request::Publish { .. } => "publish",
+            Request::Subscribe(_) => "subscribe",
+            Request::Pull { .. } => "pull",
+            Request::Unsubscribe { .. } => "unsubscribe",
+            Request::Subscribers { .. } => "subscribers",
+            Request::StopFollow { .. } => "stop_follow",
+            Request::TopicStats { .. } => "topic_stats",
+        }
+    }
+}
+
+/// A peer's registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterPeer {
+    /// Human name, unique among peers.
+    pub name: String,
+    /// Address other nodes reach the peer's binary protocol on (`host:port`).
+    pub addr: String,
+    /// The peer's HTTP address, if it serves HTTP.
+    pub http: Option<String>,
+    /// Id and cookie from an earlier registration, to keep the same identity.
+    pub previous: Option<PeerAuth>,
+}
+
+/// A peer's identity and the secret that proves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAuth {
+    /// The id the index gave.
+    pub peer_id: u64,
+    /// The secret cookie the index gave.
+    pub cookie: String,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFrom {
+    /// The oldest retained message.
+    Earliest,
+    /// Only messages published from now on.
+    Latest,
+    /// This offset (clamped to what is retained).
+    Offset(u64),
+}
+
+/// A subscribe request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// The topic.
+    pub topic: String,
+    /// The subscriber's name.
+    pub subscriber: String,
+    /// Where to start. `None` resumes the committed offset, or starts at the oldest retained
+    /// message for a new subscription.
+    pub from: Option<StartFrom>,
+    /// Stream messages to this connection as they are published.
+    pub follow: Option<u64>,
+}
+
+/// How long a topic keeps messages. Every limit that is set applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Keep at most this many messages.
+    pub max_messages: Option<u64>,
+    /// Keep at most this many payload bytes.
+    pub max_bytes: Option<u64>,
+    /// Drop messages older than this many seconds.
+    pub max_age_secs: Option<u64>,
+    /// Drop a message once every subscriber has pulled it.
+    pub consumed: bool,
+}
+
+/// Default per-topic byte limit: 1 GiB.
+pub const DEFAULT_RETENTION_BYTES: u64 = 1 << 30;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_messages: None,
+            max_bytes: Some(DEFAULT_RETENTION_BYTES),
+            max_age_secs: None,
+            consumed: false,
+        }
+    }
+}
+
+/// Payloads packed into one buffer: `data` holds them back to back, `lens` their lengths.
+/// Decoding copies the buffer out of the read buffer once per batch; single payloads are
+/// then cheap slices of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Batch {
+    /// Length of each payload, in order.
+    pub lens: Vec<u32>,
+    /// The payloads, concatenated.
+    pub data: Bytes,
+}
+
+impl Batch {
+    /// Packs payloads into one batch.
+    pub fn from_payloads<I, B>(payloads: I) -> Batch
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        let mut lens = Vec::new();
+        let mut data = Vec::new();
+        for p in payloads {
+            let p = p.as_ref();
+            lens.push(p.len() as u32);
+            data.extend_from_slice(p);
+        }
+        Batch {
+            lens,
+            data: Bytes::from(data),
+        }
+    }
+
+    /// Number of payloads.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// True when the batch holds no payload.
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Checks that the lengths add up to the data, so slicing cannot panic.
+    pub fn check(&self) -> Result<(), String> {
+        let total: u64 = self.lens.iter().map(|&l| u64::from(l)).sum();
+        if total != self.data.len() as u64 {
+            return Err(format!(
+                "batch lengths add up to {total} bytes but it carries {} bytes",
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The payloads as slices of the shared buffer. Call [`Batch::check`] first on batches
+    /// that came from the network.
+    pub fn iter(&self) -> impl Iterator<Item = Bytes> + '_ {
+        let mut at = 0usize;
+        self.lens.iter().map(move |&l| {
+            let end = at + l as usize;
+            let b = self.data.slice(at..end);
+            at = end;
+            b
+        })
+    }
+}
+
+/// Consecutive messages of one topic, as delivered to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MessageSet {
+    /// The topic.
+    pub topic: String,
+    /// Offset of the first message; the others follow without gaps.
+    pub first_offset: u64,
+    /// Publish time of each message, milliseconds since the Unix epoch.
+    pub timestamps: Vec<u64>,
+    /// The payloads.
+    pub batch: Batch,
+}
+
+impl MessageSet {
+    /// Number of messages.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// True when no message is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Offset one past the last message.
+    pub fn next_offset(&self) -> u64 {
+        self.first_offset + self.batch.len() as u64
+    }
+
+    /// The messages one by one.
+    pub fn messages(&self) -> impl Iterator<Item = Message> + '_ {
+        self.batch
+            .iter()
+            .zip(&self.timestamps)
+            .enumerate()
+            .map(|(i, (payload, &timestamp_ms))| Message {
+                offset: self.first_offset + i as u64,
+                timestamp_ms,
+                payload,
+            })
+    }
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Position in the topic, from 0.
+    pub offset: u64,
+    /// Publish time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The bytes published.
+    pub payload: Bytes,
+}
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Done; nothing to report.
+    Ok,
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// Answer to [`Request::Register`].
+    Registered {
+        /// The peer's id (kept across re-registrations with the cookie).
+        peer_id: u64,
+        /// The secret to present with keepalive, leave and changes made in the peer's name.
+        cookie: String,
+        /// Lease length in seconds.
+        ttl_secs: u64,
+        /// Registrations in the last 30 days, this one included.
+        registrations: u32,
+    },
+    /// Answer to [`Request::ListPeers`].
+    Peers(Vec<PeerInfo>),
+    /// Where a topic lives (lookup and create).
+    Location(TopicLocation),
+    /// Answer to [`Request::ListTopics`].
+    Topics(Vec<TopicLocation>),
+    /// Answer to [`Request::Publish`]: the batch got offsets `first_offset..first_offset+count`.
+    Published {
+        /// Offset of the batch's first message.
+        first_offset: u64,
+        /// Number of messages stored.
+        count: u32,
+    },
+    /// Answer to [`Request::Subscribe`].
+    Subscribed {
+        /// The offset the subscriber reads next.
+        next_offset: u64,
+    },
+    /// Answer to [`Request::Pull`].
+    Messages(MessageSet),
+    /// Answer to [`Request::Subscribers`].
+    Subscribers(Vec<SubscriberInfo>),
+    /// Answer to [`Request::TopicStats`].
+    TopicStats(TopicStats),
+}
+
+/// A peer as the index knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Id given by the index.
+    pub id: u64,
+    /// Human name.
+    pub name: String,
+    /// Binary protocol address.
+    pub addr: String,
+    /// HTTP address, if any.
+    pub http: Option<String>,
+    /// Holds a live lease.
+    pub active: bool,
+    /// Registrations in the last 30 days.
+    pub registrations: u32,
+    /// Time of the last registration, milliseconds since the Unix epoch.
+    pub last_registered_ms: u64,
+    /// Milliseconds of lease left (0 when inactive).
+    pub ttl_left_ms: u64,
+    /// Topics it hosts.
+    pub topics: u32,
+    /// Files it offers.
+    pub files: u32,
+}
+
+/// A topic and the peer hosting it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicLocation {
+    /// The topic.
+    pub topic: String,
+    /// Id of the hosting peer.
+    pub peer_id: u64,
+    /// Name of the hosting peer.
+    pub peer_name: String,
+    /// Binary protocol address of the hosting peer.
+    pub addr: String,
+}
+
+/// A subscriber of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriberInfo {
+    /// The subscriber's name.
+    pub name: String,
+    /// The offset it reads next.
+    pub next_offset: u64,
+}
+
+/// A topic as its host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicStats {
+    /// The topic.
+    pub topic: String,
+    /// Oldest retained offset.
+    pub first_offset: u64,
+    /// Offset the next message will get.
+    pub next_offset: u64,
+    /// Payload bytes retained.
+    pub bytes: u64,
+    /// Number of subscribers.
+    pub subscribers: u32,
+    /// Retention policy.
+    pub retention: Retention,
+}
+
+/// Error classes. The numeric code on the wire is the variant index; keep the order stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The named topic, peer, subscriber or file does not exist.
+    NotFound,
+    /// It exists already.
+    Exists,
+    /// The request is malformed or a name is invalid.
+    BadRequest,
+    /// Missing or wrong token or cookie.
+    Unauthorized,
+    /// This peer does not host the topic (answered when forwarding is off).
+    NotHost,
+    /// A needed node cannot be reached right now.
+    Unavailable,
+    /// A bug or storage failure on the node.
+    Internal,
+    /// A frame or payload is over the limit.
+    TooLarge,
+    /// Unknown protocol version or a request this node kind does not serve.
+    Unsupported,
+}
+
+/// An error answer: a class for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// The class.
+    pub code: ErrorCode,
+    /// What went wrong and why.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `topic 'NAME' not found`.
+    pub fn topic_not_found(topic: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("topic '{topic}' not found"))
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl From<crate::NameError> for WireError {
+    fn from(e: crate::NameError) -> Self {
+        WireError::new(ErrorCode::BadRequest, e.to_string())
+    }
+}
