@@ -1,0 +1,1 @@
+//! peerbus storage (being written).
