@@ -141,7 +141,10 @@ mod tests {
         let mut codec = FrameCodec::new(16);
         let mut src = BytesMut::from(&[0u8, 0, 0, 17][..]);
         let err = codec.decode(&mut src).unwrap_err();
-        assert_eq!(err.to_string(), "frame of 17 bytes is over the 16 byte limit");
+        assert_eq!(
+            err.to_string(),
+            "frame of 17 bytes is over the 16 byte limit"
+        );
     }
 
     #[test]

@@ -14,11 +14,11 @@ mod message;
 mod names;
 
 pub use codec::{
-    CodecError, FrameCodec, decode_client, decode_server, encode_frame, DEFAULT_MAX_FRAME,
-    FRAME_HEADER,
+    CodecError, DEFAULT_MAX_FRAME, FRAME_HEADER, FrameCodec, decode_client, decode_server,
+    encode_frame,
 };
 pub use message::*;
-pub use names::{validate_peer_name, validate_subscriber, validate_topic, NameError};
+pub use names::{NameError, validate_peer_name, validate_subscriber, validate_topic};
 
 /// The protocol string a client sends in its hello; servers refuse any other.
 pub const PROTOCOL: &str = "peerbus/1";

@@ -25,12 +25,14 @@ fn retention() -> impl Strategy<Value = Retention> {
         any::<Option<u64>>(),
         any::<bool>(),
     )
-        .prop_map(|(max_messages, max_bytes, max_age_secs, consumed)| Retention {
-            max_messages,
-            max_bytes,
-            max_age_secs,
-            consumed,
-        })
+        .prop_map(
+            |(max_messages, max_bytes, max_age_secs, consumed)| Retention {
+                max_messages,
+                max_bytes,
+                max_age_secs,
+                consumed,
+            },
+        )
 }
 
 fn start() -> impl Strategy<Value = StartFrom> {
@@ -56,14 +58,20 @@ fn message_set() -> impl Strategy<Value = MessageSet> {
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Ping),
-        (name(), name(), any::<Option<String>>(), prop::option::of(auth())).prop_map(
-            |(name, addr, http, previous)| Request::Register(RegisterPeer {
-                name,
-                addr,
-                http,
-                previous
-            })
-        ),
+        (
+            name(),
+            name(),
+            any::<Option<String>>(),
+            prop::option::of(auth())
+        )
+            .prop_map(
+                |(name, addr, http, previous)| Request::Register(RegisterPeer {
+                    name,
+                    addr,
+                    http,
+                    previous
+                })
+            ),
         auth().prop_map(Request::Keepalive),
         auth().prop_map(Request::Leave),
         Just(Request::ListPeers),
@@ -87,14 +95,20 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         name().prop_map(|topic| Request::DeleteTopic { topic }),
         (name(), batch()).prop_map(|(topic, batch)| Request::Publish { topic, batch }),
-        (name(), name(), prop::option::of(start()), any::<Option<u64>>()).prop_map(
-            |(topic, subscriber, from, follow)| Request::Subscribe(Subscribe {
-                topic,
-                subscriber,
-                from,
-                follow
-            })
-        ),
+        (
+            name(),
+            name(),
+            prop::option::of(start()),
+            any::<Option<u64>>()
+        )
+            .prop_map(
+                |(topic, subscriber, from, follow)| Request::Subscribe(Subscribe {
+                    topic,
+                    subscriber,
+                    from,
+                    follow
+                })
+            ),
         (name(), name(), any::<u32>(), any::<u32>()).prop_map(
             |(topic, subscriber, max, wait_ms)| Request::Pull {
                 topic,
@@ -103,8 +117,7 @@ fn request() -> impl Strategy<Value = Request> {
                 wait_ms
             }
         ),
-        (name(), name())
-            .prop_map(|(topic, subscriber)| Request::Unsubscribe { topic, subscriber }),
+        (name(), name()).prop_map(|(topic, subscriber)| Request::Unsubscribe { topic, subscriber }),
         name().prop_map(|topic| Request::Subscribers { topic }),
         any::<u64>().prop_map(|sub| Request::StopFollow { sub }),
         name().prop_map(|topic| Request::TopicStats { topic }),
@@ -164,18 +177,20 @@ fn response() -> impl Strategy<Value = Response> {
         )
         .prop_map(|v| Response::Peers(
             v.into_iter()
-                .map(|(id, name, addr, http, active, (r, l, t, tp, f))| PeerInfo {
-                    id,
-                    name,
-                    addr,
-                    http,
-                    active,
-                    registrations: r,
-                    last_registered_ms: l,
-                    ttl_left_ms: t,
-                    topics: tp,
-                    files: f
-                })
+                .map(
+                    |(id, name, addr, http, active, (r, l, t, tp, f))| PeerInfo {
+                        id,
+                        name,
+                        addr,
+                        http,
+                        active,
+                        registrations: r,
+                        last_registered_ms: l,
+                        ttl_left_ms: t,
+                        topics: tp,
+                        files: f
+                    }
+                )
                 .collect()
         )),
         location().prop_map(Response::Location),

@@ -1,0 +1,15 @@
+//! Framed TCP connections shared by every peerbus node and client.
+//!
+//! [`spawn_writer`] owns a socket's write half: it drains a queue of frames into one buffer
+//! and writes it with one syscall, so a burst of responses or deliveries costs one write.
+//! [`serve`] is a node's accept loop: connection limit, hello handshake with protocol and
+//! token checks, a read loop that hands each request to a [`Service`] in arrival order,
+//! and clean closing on garbage, oversized frames or shutdown.
+
+mod server;
+mod trace;
+mod writer;
+
+pub use server::{ConnCtx, ServerConfig, Service, serve};
+pub use trace::summarize;
+pub use writer::{OUTBOX_FRAMES, spawn_writer};

@@ -1,0 +1,323 @@
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use peerbus_proto::{
+    ClientFrame, CodecError, ErrorCode, FrameCodec, NodeKind, PROTOCOL, Request, Response,
+    ServerFrame, WireError,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::writer::{OUTBOX_FRAMES, spawn_writer};
+
+/// How a node's accept loop behaves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Which kind of node this is (told to clients in the welcome).
+    pub node: NodeKind,
+    /// Shared token every connection must present, if set.
+    pub token: Option<String>,
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// Connections served at once; more are refused with a clear error.
+    pub max_connections: usize,
+    /// How long a new connection may take to say hello.
+    pub hello_timeout: Duration,
+    /// Log every request received, one line each.
+    pub trace_messages: bool,
+}
+
+impl ServerConfig {
+    /// Defaults for a node of this kind: no token, 8 MiB frames, 10,000 connections.
+    pub fn new(node: NodeKind) -> Self {
+        ServerConfig {
+            node,
+            token: None,
+            max_frame: peerbus_proto::DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            hello_timeout: Duration::from_secs(10),
+            trace_messages: false,
+        }
+    }
+}
+
+/// What a node does with requests. `handle` runs in the connection's read loop, so requests
+/// of one connection are handled in arrival order; a handler that must wait (a long-poll, a
+/// forward to another node) spawns that part and answers from the task.
+pub trait Service: Send + Sync + 'static {
+    /// Handles one request; the answer goes out through [`ConnCtx::reply`].
+    fn handle(
+        self: &Arc<Self>,
+        conn: &Arc<ConnCtx>,
+        id: u32,
+        forward: bool,
+        req: Request,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// One accepted connection, as handlers see it.
+#[derive(Debug)]
+pub struct ConnCtx {
+    /// Number of this connection within the node, for logs.
+    pub id: u64,
+    /// The client's address.
+    pub remote: SocketAddr,
+    out: mpsc::Sender<ServerFrame>,
+    /// Cancelled when the connection closes, so tasks serving it (subscriptions) stop.
+    pub closed: CancellationToken,
+}
+
+impl ConnCtx {
+    /// Queues a frame; waits while the outbox is full (backpressure from a slow reader).
+    /// Returns false once the connection is gone.
+    pub async fn send(&self, frame: ServerFrame) -> bool {
+        tokio::select! {
+            r = self.out.send(frame) => r.is_ok(),
+            _ = self.closed.cancelled() => false,
+        }
+    }
+
+    /// Answers request `id`.
+    pub async fn reply(&self, id: u32, body: Result<Response, WireError>) -> bool {
+        self.send(ServerFrame::Response { id, body }).await
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` is cancelled, then waits for every
+/// connection task to end.
+pub async fn serve<S: Service>(
+    listener: TcpListener,
+    service: Arc<S>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let config = Arc::new(config);
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let tracker = TaskTracker::new();
+    let ids = AtomicU64::new(1);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let permit = limit.clone().try_acquire_owned();
+        let service = service.clone();
+        let config = config.clone();
+        let shutdown = shutdown.child_token();
+        tracker.spawn(async move {
+            match permit {
+                Ok(_permit) => connection(stream, remote, id, service, &config, shutdown).await,
+                Err(_) => {
+                    tracing::warn!(
+                        "refused connection from {remote}: {} connections already open",
+                        config.max_connections
+                    );
+                    refuse(
+                        stream,
+                        WireError::new(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "too many connections: this node serves at most {} at once",
+                                config.max_connections
+                            ),
+                        ),
+                    )
+                    .await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn refuse(stream: TcpStream, err: WireError) {
+    let (_, w) = stream.into_split();
+    let (tx, rx) = mpsc::channel(1);
+    let writer = spawn_writer(w, rx);
+    let _ = tx.send(ServerFrame::Refused(err)).await;
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn codec_error(e: &CodecError) -> WireError {
+    let code = match e {
+        CodecError::TooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::BadRequest,
+    };
+    WireError::new(code, e.to_string())
+}
+
+async fn connection<S: Service>(
+    stream: TcpStream,
+    remote: SocketAddr,
+    id: u64,
+    service: Arc<S>,
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let (r, w) = stream.into_split();
+    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
+    let writer = spawn_writer(w, rx);
+    let mut frames = FramedRead::with_capacity(r, FrameCodec::new(config.max_frame), 64 * 1024);
+    let ctx = Arc::new(ConnCtx {
+        id,
+        remote,
+        out: tx.clone(),
+        closed: shutdown.clone(),
+    });
+
+    match hello(&mut frames, config).await {
+        Ok(()) => {
+            let welcome = ServerFrame::Welcome {
+                protocol: PROTOCOL.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                node: config.node,
+            };
+            if tx.send(welcome).await.is_err() {
+                return;
+            }
+        }
+        Err(e) => {
+            tracing::warn!("refused connection {id} from {remote}: {e}");
+            let _ = tx.send(ServerFrame::Refused(e)).await;
+            drop(tx);
+            drop(ctx);
+            let _ = writer.await;
+            return;
+        }
+    }
+    tracing::debug!("connection {id} from {remote} open");
+
+    loop {
+        let next = tokio::select! {
+            f = frames.next() => f,
+            _ = shutdown.cancelled() => break,
+        };
+        let body = match next {
+            None => break,
+            Some(Ok(body)) => body,
+            Some(Err(e)) => {
+                let err = codec_error(&e);
+                if !matches!(e, CodecError::Io(_)) {
+                    tracing::warn!("closing connection {id} from {remote}: {err}");
+                    let _ = tx.send(ServerFrame::Refused(err)).await;
+                }
+                break;
+            }
+        };
+        match peerbus_proto::decode_client(&body) {
+            Ok(ClientFrame::Request {
+                id: req_id,
+                forward,
+                body,
+            }) => {
+                if config.trace_messages {
+                    tracing::info!(
+                        target: "peerbus::trace",
+                        "recv conn={id} from={remote} req={req_id} {}",
+                        crate::summarize(&body)
+                    );
+                }
+                service.handle(&ctx, req_id, forward, body).await;
+            }
+            Ok(ClientFrame::Hello { .. }) => {
+                let err = WireError::new(
+                    ErrorCode::BadRequest,
+                    "hello sent twice: a connection says hello once, first",
+                );
+                let _ = tx.send(ServerFrame::Refused(err)).await;
+                break;
+            }
+            Err(e) => {
+                let err = codec_error(&e);
+                tracing::warn!("closing connection {id} from {remote}: {err}");
+                let _ = tx.send(ServerFrame::Refused(err)).await;
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    drop(tx);
+    drop(ctx);
+    let _ = writer.await;
+    tracing::debug!("connection {id} from {remote} closed");
+}
+
+async fn hello(
+    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    config: &ServerConfig,
+) -> Result<(), WireError> {
+    let first = tokio::time::timeout(config.hello_timeout, frames.next())
+        .await
+        .map_err(|_| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "no hello within {} s: a client must say hello first",
+                    config.hello_timeout.as_secs()
+                ),
+            )
+        })?;
+    let body = match first {
+        None => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "connection closed before hello",
+            ));
+        }
+        Some(Err(e)) => return Err(codec_error(&e)),
+        Some(Ok(body)) => body,
+    };
+    match peerbus_proto::decode_client(&body) {
+        Ok(ClientFrame::Hello { protocol, token }) => {
+            if protocol != PROTOCOL {
+                return Err(WireError::new(
+                    ErrorCode::Unsupported,
+                    format!("unsupported protocol {protocol:?}: this node speaks {PROTOCOL}"),
+                ));
+            }
+            if let Some(expected) = &config.token {
+                match token {
+                    None => {
+                        return Err(WireError::new(
+                            ErrorCode::Unauthorized,
+                            "this node requires a token (--auth-token / PEERBUS_TOKEN)",
+                        ));
+                    }
+                    Some(t) if &t != expected => {
+                        return Err(WireError::new(
+                            ErrorCode::Unauthorized,
+                            "wrong token: it does not match this node's --auth-token",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            Ok(())
+        }
+        Ok(ClientFrame::Request { .. }) => Err(WireError::new(
+            ErrorCode::BadRequest,
+            "request before hello: a client must say hello first",
+        )),
+        Err(e) => Err(codec_error(&e)),
+    }
+}

@@ -1,0 +1,603 @@
+//! The same behaviour checks run against both backends, plus fjall-only checks (reopen,
+//! corruption) and a property test that the two backends agree.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use peerbus_proto::{Batch, Retention};
+use peerbus_store::{
+    Backend, FjallBackend, MemoryBackend, Op, StoreError, Table, TopicMeta, Writer,
+};
+use proptest::prelude::*;
+
+fn append(topic_id: u64, first_offset: u64, payloads: &[&[u8]]) -> Op {
+    Op::Append {
+        topic_id,
+        first_offset,
+        timestamps: (0..payloads.len() as u64)
+            .map(|i| 1_000 + first_offset + i)
+            .collect(),
+        batch: Batch::from_payloads(payloads),
+    }
+}
+
+fn meta(id: u64) -> TopicMeta {
+    TopicMeta {
+        id,
+        retention: Retention {
+            max_messages: Some(10),
+            max_bytes: None,
+            max_age_secs: Some(60),
+            consumed: true,
+        },
+        low: 3,
+        created_ms: 42,
+    }
+}
+
+fn set_offset(topic_id: u64, subscriber: &str, offset: u64) -> Op {
+    Op::SetOffset {
+        topic_id,
+        subscriber: subscriber.into(),
+        offset,
+    }
+}
+
+fn offsets_of(b: &dyn Backend, topic_id: u64) -> Vec<(String, u64)> {
+    b.offsets(topic_id).unwrap()
+}
+
+fn read_offsets(b: &dyn Backend, topic_id: u64, from: u64, count: usize, bytes: usize) -> Vec<u64> {
+    b.read(topic_id, from, count, bytes)
+        .unwrap()
+        .iter()
+        .map(|m| m.offset)
+        .collect()
+}
+
+/// Ten 10-byte messages at offsets 0..10 in topic 1, one message in topic 2.
+fn ten_messages(b: &dyn Backend) {
+    let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 10]).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    b.apply(&[append(1, 0, &refs[..4]), append(1, 4, &refs[4..])])
+        .unwrap();
+    b.apply(&[append(2, 0, &[b"other"])]).unwrap();
+}
+
+fn append_and_read(b: &dyn Backend) {
+    ten_messages(b);
+    let all = b.read(1, 0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(all.len(), 10);
+    for (i, m) in all.iter().enumerate() {
+        assert_eq!(m.offset, i as u64);
+        assert_eq!(m.timestamp_ms, 1_000 + i as u64);
+        assert_eq!(&m.payload[..], &[i as u8; 10]);
+    }
+    assert_eq!(read_offsets(b, 1, 0, 3, usize::MAX), [0, 1, 2]);
+    assert_eq!(read_offsets(b, 1, 5, 100, usize::MAX), [5, 6, 7, 8, 9]);
+    assert_eq!(read_offsets(b, 1, 2, 100, 25), [2, 3]);
+    assert_eq!(read_offsets(b, 1, 2, 100, 30), [2, 3, 4]);
+    // The first message is returned even when it alone exceeds the byte budget.
+    assert_eq!(read_offsets(b, 1, 7, 100, 0), [7]);
+    assert_eq!(read_offsets(b, 1, 7, 0, 100), Vec::<u64>::new());
+    assert_eq!(read_offsets(b, 1, 10, 100, 100), Vec::<u64>::new());
+    let other = b.read(2, 0, 10, 10).unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(&other[0].payload[..], b"other");
+    assert!(b.read(3, 0, 10, 10).unwrap().is_empty());
+    let sizes = b.sizes(1).unwrap();
+    assert_eq!(sizes.len(), 10);
+    assert_eq!(sizes[3], (3, 1_003, 10));
+    assert_eq!(b.sizes(2).unwrap(), [(0, 1_000, 5)]);
+}
+
+fn last_offset(b: &dyn Backend) {
+    assert_eq!(b.last_offset(1).unwrap(), None);
+    ten_messages(b);
+    assert_eq!(b.last_offset(1).unwrap(), Some(9));
+    assert_eq!(b.last_offset(2).unwrap(), Some(0));
+    assert_eq!(b.last_offset(0).unwrap(), None);
+    b.apply(&[Op::Truncate {
+        topic_id: 1,
+        below: 10,
+    }])
+    .unwrap();
+    assert_eq!(b.last_offset(1).unwrap(), None);
+}
+
+fn truncate(b: &dyn Backend) {
+    ten_messages(b);
+    b.apply(&[Op::Truncate {
+        topic_id: 1,
+        below: 4,
+    }])
+    .unwrap();
+    assert_eq!(read_offsets(b, 1, 0, 3, usize::MAX), [4, 5, 6]);
+    assert_eq!(b.sizes(1).unwrap().first().map(|s| s.0), Some(4));
+    b.apply(&[Op::Truncate {
+        topic_id: 1,
+        below: 0,
+    }])
+    .unwrap();
+    assert_eq!(b.sizes(1).unwrap().len(), 6);
+    // Truncating one topic leaves the others alone.
+    b.apply(&[Op::Truncate {
+        topic_id: 1,
+        below: u64::MAX,
+    }])
+    .unwrap();
+    assert!(b.sizes(1).unwrap().is_empty());
+    assert_eq!(b.sizes(2).unwrap().len(), 1);
+}
+
+fn ops_see_earlier_ops_of_the_same_apply(b: &dyn Backend) {
+    b.apply(&[
+        append(5, 0, &[b"a", b"b", b"c"]),
+        Op::Truncate {
+            topic_id: 5,
+            below: 2,
+        },
+        append(5, 3, &[b"d"]),
+    ])
+    .unwrap();
+    assert_eq!(read_offsets(b, 5, 0, 10, 100), [2, 3]);
+    b.apply(&[
+        Op::PutTopic {
+            name: "t6".into(),
+            meta: meta(6),
+        },
+        append(6, 0, &[b"x"]),
+        set_offset(6, "s", 1),
+        Op::DeleteTopic {
+            name: "t6".into(),
+            id: 6,
+        },
+    ])
+    .unwrap();
+    assert!(b.sizes(6).unwrap().is_empty());
+    assert!(offsets_of(b, 6).is_empty());
+    assert!(b.topics().unwrap().is_empty());
+    b.apply(&[
+        set_offset(5, "s", 1),
+        Op::DeleteOffset {
+            topic_id: 5,
+            subscriber: "s".into(),
+        },
+        set_offset(5, "t", 1),
+        set_offset(5, "t", 2),
+        Op::Put {
+            table: Table::Meta,
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        },
+        Op::Remove {
+            table: Table::Meta,
+            key: b"k".to_vec(),
+        },
+    ])
+    .unwrap();
+    assert_eq!(offsets_of(b, 5), [("t".to_string(), 2)]);
+    assert_eq!(b.get(Table::Meta, b"k").unwrap(), None);
+}
+
+fn delete_topic(b: &dyn Backend) {
+    ten_messages(b);
+    b.apply(&[
+        Op::PutTopic {
+            name: "one".into(),
+            meta: meta(1),
+        },
+        Op::PutTopic {
+            name: "two".into(),
+            meta: meta(2),
+        },
+        set_offset(1, "alice", 3),
+        set_offset(1, "bob", 4),
+        set_offset(2, "alice", 0),
+    ])
+    .unwrap();
+    b.apply(&[Op::DeleteTopic {
+        name: "one".into(),
+        id: 1,
+    }])
+    .unwrap();
+    assert!(b.read(1, 0, 100, usize::MAX).unwrap().is_empty());
+    assert_eq!(b.last_offset(1).unwrap(), None);
+    assert!(offsets_of(b, 1).is_empty());
+    assert_eq!(b.topics().unwrap(), [("two".to_string(), meta(2))]);
+    assert_eq!(read_offsets(b, 2, 0, 100, usize::MAX), [0]);
+    assert_eq!(offsets_of(b, 2), [("alice".to_string(), 0)]);
+}
+
+fn offsets(b: &dyn Backend) {
+    b.apply(&[
+        set_offset(1, "zed", 1),
+        set_offset(1, "amy", 2),
+        set_offset(1, "", 3),
+        set_offset(2, "amy", 9),
+    ])
+    .unwrap();
+    assert_eq!(
+        offsets_of(b, 1),
+        [
+            (String::new(), 3),
+            ("amy".to_string(), 2),
+            ("zed".to_string(), 1)
+        ]
+    );
+    b.apply(&[
+        set_offset(1, "amy", 7),
+        Op::DeleteOffset {
+            topic_id: 1,
+            subscriber: "zed".into(),
+        },
+        Op::DeleteOffset {
+            topic_id: 1,
+            subscriber: "nobody".into(),
+        },
+    ])
+    .unwrap();
+    assert_eq!(
+        offsets_of(b, 1),
+        [(String::new(), 3), ("amy".to_string(), 7)]
+    );
+    assert_eq!(offsets_of(b, 2), [("amy".to_string(), 9)]);
+    assert!(offsets_of(b, 3).is_empty());
+}
+
+fn registry(b: &dyn Backend) {
+    let put = |table, key: &[u8], value: &[u8]| Op::Put {
+        table,
+        key: key.to_vec(),
+        value: value.to_vec(),
+    };
+    b.apply(&[
+        put(Table::Peers, b"b", b"2"),
+        put(Table::Peers, b"a", b"1"),
+        put(Table::Peers, b"c", b""),
+        put(Table::Files, b"a", b"file"),
+        put(Table::Meta, b"id", b"7"),
+    ])
+    .unwrap();
+    assert_eq!(
+        b.scan(Table::Peers).unwrap(),
+        [
+            (b"a".to_vec(), b"1".to_vec()),
+            (b"b".to_vec(), b"2".to_vec()),
+            (b"c".to_vec(), Vec::new())
+        ]
+    );
+    assert_eq!(b.get(Table::Files, b"a").unwrap(), Some(b"file".to_vec()));
+    assert_eq!(b.get(Table::Directory, b"a").unwrap(), None);
+    assert_eq!(b.get(Table::Meta, b"").unwrap(), None);
+    b.apply(&[
+        Op::Remove {
+            table: Table::Peers,
+            key: b"a".to_vec(),
+        },
+        put(Table::Peers, b"b", b"22"),
+    ])
+    .unwrap();
+    assert_eq!(b.get(Table::Peers, b"a").unwrap(), None);
+    assert_eq!(
+        b.scan(Table::Peers).unwrap(),
+        [(b"b".to_vec(), b"22".to_vec()), (b"c".to_vec(), Vec::new())]
+    );
+    assert!(b.scan(Table::Directory).unwrap().is_empty());
+    assert_eq!(b.scan(Table::Files).unwrap().len(), 1);
+}
+
+fn topics_round_trip(b: &dyn Backend) {
+    assert!(b.topics().unwrap().is_empty());
+    let mut other = meta(9);
+    other.retention = Retention::default();
+    b.apply(&[
+        Op::PutTopic {
+            name: "zeta".into(),
+            meta: meta(1),
+        },
+        Op::PutTopic {
+            name: "alpha.β".into(),
+            meta: other.clone(),
+        },
+    ])
+    .unwrap();
+    assert_eq!(
+        b.topics().unwrap(),
+        [
+            ("alpha.β".to_string(), other),
+            ("zeta".to_string(), meta(1))
+        ]
+    );
+    let mut moved = meta(1);
+    moved.low = 100;
+    b.apply(&[Op::PutTopic {
+        name: "zeta".into(),
+        meta: moved.clone(),
+    }])
+    .unwrap();
+    assert_eq!(b.topics().unwrap()[1], ("zeta".to_string(), moved));
+}
+
+fn bad_write_changes_nothing(b: &dyn Backend) {
+    let bad = Op::Append {
+        topic_id: 1,
+        first_offset: 0,
+        timestamps: vec![1],
+        batch: Batch::from_payloads([b"a".as_slice(), b"b"]),
+    };
+    let err = b
+        .apply(&[
+            Op::Put {
+                table: Table::Meta,
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            bad,
+        ])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err}");
+    assert_eq!(b.get(Table::Meta, b"k").unwrap(), None);
+    assert!(b.sizes(1).unwrap().is_empty());
+    let empty_key = Op::Put {
+        table: Table::Meta,
+        key: Vec::new(),
+        value: b"v".to_vec(),
+    };
+    assert!(b.apply(&[empty_key]).is_err());
+    b.persist(false).unwrap();
+    b.persist(true).unwrap();
+}
+
+macro_rules! suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            fn with_backend(check: fn(&dyn Backend)) {
+                let dir = tempfile::tempdir().unwrap();
+                let make: fn(&Path) -> Box<dyn Backend> = $make;
+                let backend = make(dir.path());
+                check(&*backend);
+            }
+
+            #[test]
+            fn append_and_read() {
+                with_backend(super::append_and_read);
+            }
+
+            #[test]
+            fn last_offset() {
+                with_backend(super::last_offset);
+            }
+
+            #[test]
+            fn truncate() {
+                with_backend(super::truncate);
+            }
+
+            #[test]
+            fn ops_see_earlier_ops_of_the_same_apply() {
+                with_backend(super::ops_see_earlier_ops_of_the_same_apply);
+            }
+
+            #[test]
+            fn delete_topic() {
+                with_backend(super::delete_topic);
+            }
+
+            #[test]
+            fn offsets() {
+                with_backend(super::offsets);
+            }
+
+            #[test]
+            fn registry() {
+                with_backend(super::registry);
+            }
+
+            #[test]
+            fn topics_round_trip() {
+                with_backend(super::topics_round_trip);
+            }
+
+            #[test]
+            fn bad_write_changes_nothing() {
+                with_backend(super::bad_write_changes_nothing);
+            }
+        }
+    };
+}
+
+suite!(memory_backend, |_| Box::new(MemoryBackend::new()));
+suite!(fjall_backend, |dir| Box::new(
+    FjallBackend::open(dir).unwrap()
+));
+
+#[test]
+fn fjall_reopen_keeps_what_a_synced_writer_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory that does not exist yet: open creates it.
+    let path = dir.path().join("node").join("store");
+    {
+        let backend: Arc<dyn Backend> = Arc::new(FjallBackend::open(&path).unwrap());
+        let writer = Writer::start(backend.clone());
+        let first = writer.submit(
+            vec![
+                Op::PutTopic {
+                    name: "news".into(),
+                    meta: meta(4),
+                },
+                append(4, 0, &[b"hello", b"world"]),
+                set_offset(4, "sub", 1),
+                Op::Put {
+                    table: Table::Directory,
+                    key: b"news".to_vec(),
+                    value: b"peer-1".to_vec(),
+                },
+            ],
+            true,
+        );
+        let second = writer.submit(
+            vec![
+                append(4, 2, &[b"!"]),
+                Op::Truncate {
+                    topic_id: 4,
+                    below: 1,
+                },
+            ],
+            false,
+        );
+        writer.submit_detached(vec![set_offset(4, "sub", 2)]);
+        first.blocking_recv().unwrap().unwrap();
+        second.blocking_recv().unwrap().unwrap();
+        writer.shutdown();
+    }
+    let backend = FjallBackend::open(&path).unwrap();
+    assert_eq!(backend.topics().unwrap(), [("news".to_string(), meta(4))]);
+    let messages = backend.read(4, 0, 10, usize::MAX).unwrap();
+    let got: Vec<(u64, u64, &[u8])> = messages
+        .iter()
+        .map(|m| (m.offset, m.timestamp_ms, &m.payload[..]))
+        .collect();
+    assert_eq!(
+        got,
+        [(1, 1_001, b"world".as_slice()), (2, 1_002, b"!".as_slice())]
+    );
+    assert_eq!(backend.last_offset(4).unwrap(), Some(2));
+    assert_eq!(offsets_of(&backend, 4), [("sub".to_string(), 2)]);
+    assert_eq!(
+        backend.get(Table::Directory, b"news").unwrap(),
+        Some(b"peer-1".to_vec())
+    );
+}
+
+#[test]
+fn fjall_short_message_value_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let messages = db
+            .keyspace("messages", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let mut key = 7u64.to_be_bytes().to_vec();
+        key.extend_from_slice(&3u64.to_be_bytes());
+        messages.insert(key, [1u8, 2]).unwrap();
+        db.persist(fjall::PersistMode::SyncData).unwrap();
+    }
+    let backend = FjallBackend::open(dir.path()).unwrap();
+    for err in [
+        backend.read(7, 0, 10, 10).unwrap_err(),
+        backend.sizes(7).unwrap_err(),
+    ] {
+        match err {
+            StoreError::Corrupt(msg) => {
+                assert!(
+                    msg.contains("topic 7") && msg.contains("message 3"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected corruption, got {other}"),
+        }
+    }
+    assert_eq!(backend.last_offset(7).unwrap(), Some(3));
+}
+
+/// One random write, small ranges so ops collide often.
+#[derive(Debug, Clone)]
+enum Step {
+    Append {
+        topic: u64,
+        first: u64,
+        lens: Vec<u8>,
+    },
+    Truncate {
+        topic: u64,
+        below: u64,
+    },
+    SetOffset {
+        topic: u64,
+        sub: u8,
+        offset: u64,
+    },
+    DeleteOffset {
+        topic: u64,
+        sub: u8,
+    },
+    DeleteTopic {
+        topic: u64,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..3u64, 0..24u64, prop::collection::vec(0..12u8, 0..5))
+            .prop_map(|(topic, first, lens)| Step::Append { topic, first, lens }),
+        2 => (0..3u64, 0..30u64).prop_map(|(topic, below)| Step::Truncate { topic, below }),
+        2 => (0..3u64, 0..3u8, 0..30u64)
+            .prop_map(|(topic, sub, offset)| Step::SetOffset { topic, sub, offset }),
+        1 => (0..3u64, 0..3u8).prop_map(|(topic, sub)| Step::DeleteOffset { topic, sub }),
+        1 => (0..3u64).prop_map(|topic| Step::DeleteTopic { topic }),
+    ]
+}
+
+fn to_op(step: &Step, seq: usize) -> Op {
+    match step {
+        Step::Append { topic, first, lens } => Op::Append {
+            topic_id: *topic,
+            first_offset: *first,
+            timestamps: (0..lens.len() as u64)
+                .map(|i| seq as u64 * 100 + i)
+                .collect(),
+            batch: Batch::from_payloads(lens.iter().map(|&l| vec![seq as u8; l as usize])),
+        },
+        Step::Truncate { topic, below } => Op::Truncate {
+            topic_id: *topic,
+            below: *below,
+        },
+        Step::SetOffset { topic, sub, offset } => set_offset(*topic, &format!("s{sub}"), *offset),
+        Step::DeleteOffset { topic, sub } => Op::DeleteOffset {
+            topic_id: *topic,
+            subscriber: format!("s{sub}"),
+        },
+        Step::DeleteTopic { topic } => Op::DeleteTopic {
+            name: format!("t{topic}"),
+            id: *topic,
+        },
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn backends_agree(
+        groups in prop::collection::vec(prop::collection::vec(step(), 1..5), 1..8),
+        from in 0..30u64,
+        max_count in 0..8usize,
+        max_bytes in 0..40usize,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FjallBackend::open(dir.path()).unwrap();
+        let memory = MemoryBackend::new();
+        let mut seq = 0;
+        for group in &groups {
+            let ops: Vec<Op> = group.iter().map(|s| { seq += 1; to_op(s, seq) }).collect();
+            disk.apply(&ops).unwrap();
+            memory.apply(&ops).unwrap();
+        }
+        for topic in 0..3 {
+            prop_assert_eq!(
+                disk.read(topic, 0, usize::MAX, usize::MAX).unwrap(),
+                memory.read(topic, 0, usize::MAX, usize::MAX).unwrap()
+            );
+            prop_assert_eq!(
+                disk.read(topic, from, max_count, max_bytes).unwrap(),
+                memory.read(topic, from, max_count, max_bytes).unwrap()
+            );
+            prop_assert_eq!(disk.last_offset(topic).unwrap(), memory.last_offset(topic).unwrap());
+            prop_assert_eq!(disk.sizes(topic).unwrap(), memory.sizes(topic).unwrap());
+            prop_assert_eq!(disk.offsets(topic).unwrap(), memory.offsets(topic).unwrap());
+        }
+    }
+}
