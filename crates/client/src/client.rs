@@ -1,0 +1,473 @@
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use peerbus_proto::{
+    Batch, ErrorCode, MessageSet, PeerInfo, Request, Response, Retention, StartFrom, Subscribe,
+    SubscriberInfo, TopicLocation, TopicStats,
+};
+use tokio::sync::oneshot;
+
+use crate::conn::Connection;
+use crate::error::{ClientError, Result};
+use crate::subscription::Subscription;
+
+/// Payload bytes one automatic publish batch carries at most (well under the frame limit).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Messages one automatic publish batch carries at most.
+const MAX_BATCH_MESSAGES: usize = 1 << 18;
+
+/// A peerbus client. It asks the index where topics live, caches the answers, and talks to
+/// hosting peers directly over pipelined connections. Cheap to clone; clones share
+/// connections, the location cache and publish batching.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    index: String,
+    token: Option<String>,
+    conns: tokio::sync::Mutex<HashMap<String, Connection>>,
+    locations: Mutex<HashMap<String, String>>,
+    batchers: Mutex<HashMap<String, Arc<Batcher>>>,
+}
+
+fn unexpected(addr: &str, what: &Response) -> ClientError {
+    ClientError::Protocol {
+        addr: addr.to_string(),
+        what: format!("unexpected answer {what:?}"),
+    }
+}
+
+impl Client {
+    /// A client of the cluster whose index is at `index` (`host:port`). Connections open on
+    /// first use.
+    pub fn new(index: impl Into<String>) -> Client {
+        Client::with_token(index, None)
+    }
+
+    /// Like [`Client::new`], presenting `token` to nodes started with `--auth-token`.
+    pub fn with_token(index: impl Into<String>, token: Option<String>) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                index: index.into(),
+                token,
+                conns: tokio::sync::Mutex::new(HashMap::new()),
+                locations: Mutex::new(HashMap::new()),
+                batchers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The index address this client asks.
+    pub fn index_addr(&self) -> &str {
+        &self.inner.index
+    }
+
+    /// A live connection to `addr`, reusing an open one.
+    pub async fn connection(&self, addr: &str) -> Result<Connection> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(addr)
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let c = Connection::connect(addr, self.inner.token.as_deref()).await?;
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends a request to the node at `addr`.
+    pub async fn request_at(&self, addr: &str, req: Request, forward: bool) -> Result<Response> {
+        self.connection(addr).await?.request(req, forward).await
+    }
+
+    /// Sends a request to the index.
+    pub async fn index_request(&self, req: Request) -> Result<Response> {
+        let index = self.inner.index.clone();
+        self.request_at(&index, req, true).await
+    }
+
+    /// Every peer the index knows.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        match self.index_request(Request::ListPeers).await? {
+            Response::Peers(p) => Ok(p),
+            other => Err(unexpected(&self.inner.index, &other)),
+        }
+    }
+
+    /// Asks the index which peer hosts `topic` (and refreshes the cache).
+    pub async fn lookup(&self, topic: &str) -> Result<TopicLocation> {
+        peerbus_proto::validate_topic(topic)?;
+        match self
+            .index_request(Request::LookupTopic {
+                topic: topic.to_string(),
+            })
+            .await?
+        {
+            Response::Location(loc) => {
+                self.remember(&loc);
+                Ok(loc)
+            }
+            other => Err(unexpected(&self.inner.index, &other)),
+        }
+    }
+
+    fn remember(&self, loc: &TopicLocation) {
+        self.inner
+            .locations
+            .lock()
+            .expect("locations lock")
+            .insert(loc.topic.clone(), loc.addr.clone());
+    }
+
+    fn forget(&self, topic: &str) {
+        self.inner
+            .locations
+            .lock()
+            .expect("locations lock")
+            .remove(topic);
+    }
+
+    /// Topics offered by live peers, optionally only names starting with `prefix`.
+    pub async fn list_topics(&self, prefix: Option<&str>) -> Result<Vec<TopicLocation>> {
+        match self
+            .index_request(Request::ListTopics {
+                prefix: prefix.map(str::to_string),
+            })
+            .await?
+        {
+            Response::Topics(t) => Ok(t),
+            other => Err(unexpected(&self.inner.index, &other)),
+        }
+    }
+
+    /// Creates a topic. With `peer` (a peer's name or `host:port`) that peer hosts it;
+    /// without, the index places it on the least-loaded live peer.
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        peer: Option<&str>,
+        retention: Retention,
+    ) -> Result<TopicLocation> {
+        peerbus_proto::validate_topic(topic)?;
+        let req = Request::CreateTopic {
+            topic: topic.to_string(),
+            retention,
+            peer: peer.map(str::to_string),
+        };
+        let resp = self.index_request(req).await?;
+        match resp {
+            Response::Location(loc) => {
+                self.remember(&loc);
+                Ok(loc)
+            }
+            other => Err(unexpected(&self.inner.index, &other)),
+        }
+    }
+
+    /// Deletes a topic and its data on its host.
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let r = self
+            .topic_request(
+                topic,
+                Request::DeleteTopic {
+                    topic: topic.to_string(),
+                },
+            )
+            .await;
+        self.forget(topic);
+        r.map(|_| ())
+    }
+
+    /// Sends a request about `topic` to its host, looking the host up when it is not cached
+    /// and once more when the cached host says it no longer hosts the topic.
+    pub async fn topic_request(&self, topic: &str, req: Request) -> Result<Response> {
+        peerbus_proto::validate_topic(topic)?;
+        let cached = self
+            .inner
+            .locations
+            .lock()
+            .expect("locations lock")
+            .get(topic)
+            .cloned();
+        let addr = match cached {
+            Some(a) => a,
+            None => self.lookup(topic).await?.addr,
+        };
+        match self.request_at(&addr, req.clone(), false).await {
+            Err(e) if e.code() == Some(ErrorCode::NotHost) || e.is_unreachable() => {
+                // Only retry what cannot have been stored: NotHost was refused before any
+                // work, and an unreachable node never got the request or is gone.
+                if matches!(req, Request::Publish { .. })
+                    && !matches!(e.code(), Some(ErrorCode::NotHost))
+                {
+                    self.forget(topic);
+                    return Err(e);
+                }
+                self.forget(topic);
+                let loc = self.lookup(topic).await?;
+                self.request_at(&loc.addr, req, false).await
+            }
+            r => r,
+        }
+    }
+
+    /// Publishes one message and waits for its acknowledgement; returns its offset.
+    /// Concurrent publishes to the same topic are batched automatically.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<u64> {
+        self.publish_nowait(topic, payload).await
+    }
+
+    /// Queues one message for publishing and returns at once; the returned future resolves
+    /// to its offset once stored. While a batch is in flight, new messages for the topic
+    /// join the next batch, so a burst costs a few round trips, not one per message, and an
+    /// idle client sends at once (no timers).
+    pub fn publish_nowait(&self, topic: &str, payload: impl Into<Bytes>) -> PublishAck {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = peerbus_proto::validate_topic(topic) {
+            let _ = tx.send(Err(e.into()));
+            return PublishAck(rx);
+        }
+        let payload = payload.into();
+        if payload.len() > peerbus_proto::DEFAULT_MAX_PAYLOAD {
+            let _ = tx.send(Err(ClientError::Invalid(format!(
+                "message of {} bytes is over the {} byte limit",
+                payload.len(),
+                peerbus_proto::DEFAULT_MAX_PAYLOAD
+            ))));
+            return PublishAck(rx);
+        }
+        let batcher = self
+            .inner
+            .batchers
+            .lock()
+            .expect("batchers lock")
+            .entry(topic.to_string())
+            .or_insert_with(|| Arc::new(Batcher::default()))
+            .clone();
+        let start = {
+            let mut st = batcher.state.lock().expect("batcher lock");
+            st.queue.push_back((payload, tx));
+            !std::mem::replace(&mut st.in_flight, true)
+        };
+        if start {
+            let client = self.clone();
+            let topic = topic.to_string();
+            tokio::spawn(async move { client.drain(topic, batcher).await });
+        }
+        PublishAck(rx)
+    }
+
+    async fn drain(self, topic: String, batcher: Arc<Batcher>) {
+        loop {
+            let (payloads, acks) = {
+                let mut st = batcher.state.lock().expect("batcher lock");
+                if st.queue.is_empty() {
+                    st.in_flight = false;
+                    return;
+                }
+                let mut bytes = 0;
+                let mut payloads = Vec::new();
+                let mut acks = Vec::new();
+                while let Some((p, _)) = st.queue.front() {
+                    if !payloads.is_empty()
+                        && (bytes + p.len() > MAX_BATCH_BYTES
+                            || payloads.len() >= MAX_BATCH_MESSAGES)
+                    {
+                        break;
+                    }
+                    bytes += p.len();
+                    let (p, a) = st.queue.pop_front().expect("front exists");
+                    payloads.push(p);
+                    acks.push(a);
+                }
+                (payloads, acks)
+            };
+            match self.publish_batch(&topic, &payloads).await {
+                Ok(first) => {
+                    for (i, a) in acks.into_iter().enumerate() {
+                        let _ = a.send(Ok(first + i as u64));
+                    }
+                }
+                Err(e) => {
+                    for a in acks {
+                        let _ = a.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes a batch in one request, without automatic batching; returns the first
+    /// message's offset (the rest follow in order).
+    pub async fn publish_batch<B: AsRef<[u8]>>(&self, topic: &str, payloads: &[B]) -> Result<u64> {
+        let req = Request::Publish {
+            topic: topic.to_string(),
+            batch: Batch::from_payloads(payloads),
+        };
+        match self.topic_request(topic, req).await? {
+            Response::Published { first_offset, .. } => Ok(first_offset),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Records a subscription. `from` = `None` keeps an existing position, or starts a new
+    /// subscription at the oldest retained message. Returns the offset it reads next.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        subscriber: &str,
+        from: Option<StartFrom>,
+    ) -> Result<u64> {
+        peerbus_proto::validate_subscriber(subscriber)?;
+        let req = Request::Subscribe(Subscribe {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+            from,
+            follow: None,
+        });
+        match self.topic_request(topic, req).await? {
+            Response::Subscribed { next_offset } => Ok(next_offset),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Subscribes and streams messages as they are published, from the subscriber's
+    /// committed position (or `from`).
+    pub async fn follow(
+        &self,
+        topic: &str,
+        subscriber: &str,
+        from: Option<StartFrom>,
+    ) -> Result<Subscription> {
+        peerbus_proto::validate_topic(topic)?;
+        peerbus_proto::validate_subscriber(subscriber)?;
+        let sub = Subscribe {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+            from,
+            follow: None,
+        };
+        let mut tried_lookup = false;
+        loop {
+            let cached = self
+                .inner
+                .locations
+                .lock()
+                .expect("locations lock")
+                .get(topic)
+                .cloned();
+            let addr = match cached {
+                Some(a) => a,
+                None => {
+                    tried_lookup = true;
+                    self.lookup(topic).await?.addr
+                }
+            };
+            let conn = self.connection(&addr).await?;
+            match conn.follow(sub.clone(), false).await {
+                Ok((id, next, rx)) => return Ok(Subscription::new(conn, id, next, rx)),
+                Err(e)
+                    if !tried_lookup
+                        && (e.code() == Some(ErrorCode::NotHost) || e.is_unreachable()) =>
+                {
+                    self.forget(topic);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Returns up to `max` messages the subscriber has not pulled yet and advances its
+    /// position. Pulling without a subscription subscribes from the oldest message. With a
+    /// non-zero `wait`, an empty pull waits that long for a publish.
+    pub async fn pull(
+        &self,
+        topic: &str,
+        subscriber: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<MessageSet> {
+        peerbus_proto::validate_subscriber(subscriber)?;
+        let req = Request::Pull {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+            max,
+            wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        match self.topic_request(topic, req).await? {
+            Response::Messages(m) => Ok(m),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Removes a subscription and its position.
+    pub async fn unsubscribe(&self, topic: &str, subscriber: &str) -> Result<()> {
+        let req = Request::Unsubscribe {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+        };
+        self.topic_request(topic, req).await.map(|_| ())
+    }
+
+    /// The subscribers of a topic and their positions.
+    pub async fn subscribers(&self, topic: &str) -> Result<Vec<SubscriberInfo>> {
+        let req = Request::Subscribers {
+            topic: topic.to_string(),
+        };
+        match self.topic_request(topic, req).await? {
+            Response::Subscribers(s) => Ok(s),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Offsets, size and retention of a topic, from its host.
+    pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats> {
+        let req = Request::TopicStats {
+            topic: topic.to_string(),
+        };
+        match self.topic_request(topic, req).await? {
+            Response::TopicStats(s) => Ok(s),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Batcher {
+    state: Mutex<BatchState>,
+}
+
+type Ack = oneshot::Sender<Result<u64>>;
+
+#[derive(Debug, Default)]
+struct BatchState {
+    in_flight: bool,
+    queue: VecDeque<(Bytes, Ack)>,
+}
+
+/// Resolves to a published message's offset once the host has stored it.
+#[derive(Debug)]
+pub struct PublishAck(oneshot::Receiver<Result<u64>>);
+
+impl Future for PublishAck {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| {
+                Err(ClientError::Closed {
+                    addr: String::new(),
+                    reason: "the publishing task stopped".into(),
+                })
+            })
+        })
+    }
+}

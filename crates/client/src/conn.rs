@@ -1,0 +1,313 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use peerbus_proto::{
+    ClientFrame, FrameCodec, MessageSet, NodeKind, PROTOCOL, Request, Response, ServerFrame,
+    WireError,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ClientError, Result};
+
+/// How long connecting and the hello exchange may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deliveries buffered per subscription before the connection's reader waits for the
+/// subscriber: a slow consumer slows its socket instead of growing memory.
+const SUB_BUFFER: usize = 64;
+
+type Pending = oneshot::Sender<std::result::Result<Response, WireError>>;
+
+/// What a following subscription receives.
+#[derive(Debug)]
+pub enum SubEvent {
+    /// New messages.
+    Messages(MessageSet),
+    /// The subscription ended (topic deleted, node stopping, connection lost).
+    Ended(ClientError),
+}
+
+#[derive(Debug)]
+struct Shared {
+    addr: String,
+    node: NodeKind,
+    tx: mpsc::Sender<ClientFrame>,
+    pending: Mutex<HashMap<u32, Pending>>,
+    subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
+    next_id: AtomicU32,
+    next_sub: AtomicU64,
+    closed: CancellationToken,
+    close_reason: Mutex<Option<String>>,
+}
+
+/// One pipelined connection to a node: any number of requests in flight, answers matched by
+/// request id, push deliveries routed to their subscription. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl Connection {
+    /// Connects, says hello (with `token` if the node requires one) and starts the reader.
+    pub async fn connect(addr: &str, token: Option<&str>) -> Result<Connection> {
+        let fail = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| fail(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        let (tx, rx) = mpsc::channel(peerbus_net::OUTBOX_FRAMES);
+        peerbus_net::spawn_writer(w, rx);
+        let mut frames = FramedRead::with_capacity(
+            r,
+            FrameCodec::new(peerbus_proto::DEFAULT_MAX_FRAME),
+            64 * 1024,
+        );
+        tx.send(ClientFrame::Hello {
+            protocol: PROTOCOL.to_string(),
+            token: token.map(str::to_string),
+        })
+        .await
+        .map_err(|_| fail("connection closed during hello".into()))?;
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, frames.next())
+            .await
+            .map_err(|_| fail("no answer to hello".into()))?;
+        let node = match first {
+            Some(Ok(body)) => match peerbus_proto::decode_server(&body) {
+                Ok(ServerFrame::Welcome { node, .. }) => node,
+                Ok(ServerFrame::Refused(error)) => {
+                    return Err(ClientError::Refused {
+                        addr: addr.to_string(),
+                        error,
+                    });
+                }
+                Ok(other) => return Err(fail(format!("expected a welcome, got {other:?}"))),
+                Err(e) => return Err(fail(format!("not a peerbus node: {e}"))),
+            },
+            Some(Err(e)) => return Err(fail(format!("not a peerbus node: {e}"))),
+            None => return Err(fail("connection closed during hello".into())),
+        };
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            node,
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            next_sub: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+        });
+        tokio::spawn(read_loop(shared.clone(), frames));
+        Ok(Connection { shared })
+    }
+
+    /// The address this connection goes to.
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    /// The kind of node at the other end.
+    pub fn node(&self) -> NodeKind {
+        self.shared.node
+    }
+
+    /// True once the connection has closed; a new one must be made.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    fn closed_error(&self) -> ClientError {
+        let reason = self
+            .shared
+            .close_reason
+            .lock()
+            .expect("close reason lock")
+            .clone()
+            .unwrap_or_else(|| "the node closed it".into());
+        ClientError::Closed {
+            addr: self.shared.addr.clone(),
+            reason,
+        }
+    }
+
+    /// Sends a request and waits for its answer. Other requests may be in flight meanwhile.
+    /// `forward` lets a peer that does not host the topic forward the request to the host.
+    pub async fn request(&self, body: Request, forward: bool) -> Result<Response> {
+        let rx = self.send(body, forward).await?;
+        match rx.await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(ClientError::Server(e)),
+            Err(_) => Err(self.closed_error()),
+        }
+    }
+
+    async fn send(
+        &self,
+        body: Request,
+        forward: bool,
+    ) -> Result<oneshot::Receiver<std::result::Result<Response, WireError>>> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(id, tx);
+        if self.is_closed() {
+            self.shared
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&id);
+            return Err(self.closed_error());
+        }
+        let frame = ClientFrame::Request { id, forward, body };
+        if self.shared.tx.send(frame).await.is_err() {
+            self.shared
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&id);
+            return Err(self.closed_error());
+        }
+        Ok(rx)
+    }
+
+    /// Opens a following subscription: the node streams messages from the subscriber's
+    /// position. Returns the first offset it will deliver and the event channel.
+    pub async fn follow(
+        &self,
+        mut sub: peerbus_proto::Subscribe,
+        forward: bool,
+    ) -> Result<(u64, u64, mpsc::Receiver<SubEvent>)> {
+        // The client picks the id and registers the route before asking, so no delivery can
+        // arrive before there is somewhere to put it.
+        let sub_id = self.shared.next_sub.fetch_add(1, Ordering::Relaxed);
+        sub.follow = Some(sub_id);
+        let (tx, rx) = mpsc::channel(SUB_BUFFER);
+        self.shared
+            .subs
+            .lock()
+            .expect("subs lock")
+            .insert(sub_id, tx);
+        match self.request(Request::Subscribe(sub), forward).await {
+            Ok(Response::Subscribed { next_offset }) => Ok((sub_id, next_offset, rx)),
+            Ok(other) => {
+                self.forget_sub(sub_id);
+                Err(ClientError::Protocol {
+                    addr: self.shared.addr.clone(),
+                    what: format!("expected Subscribed, got {other:?}"),
+                })
+            }
+            Err(e) => {
+                self.forget_sub(sub_id);
+                Err(e)
+            }
+        }
+    }
+
+    fn forget_sub(&self, sub: u64) {
+        self.shared.subs.lock().expect("subs lock").remove(&sub);
+    }
+
+    /// Ends a following subscription without waiting for the answer.
+    pub fn stop_follow(&self, sub: u64) {
+        self.forget_sub(sub);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.shared.tx.try_send(ClientFrame::Request {
+            id,
+            forward: false,
+            body: Request::StopFollow { sub },
+        });
+    }
+
+    /// Closes the connection; requests in flight fail with [`ClientError::Closed`].
+    pub fn close(&self) {
+        close(&self.shared, "closed by this client".into());
+    }
+}
+
+fn close(shared: &Shared, reason: String) {
+    {
+        let mut r = shared.close_reason.lock().expect("close reason lock");
+        if r.is_none() {
+            *r = Some(reason.clone());
+        }
+    }
+    shared.closed.cancel();
+    // Dropping the senders wakes every waiter with "closed".
+    shared.pending.lock().expect("pending lock").clear();
+    let subs: Vec<_> = shared
+        .subs
+        .lock()
+        .expect("subs lock")
+        .drain()
+        .map(|(_, s)| s)
+        .collect();
+    for s in subs {
+        let _ = s.try_send(SubEvent::Ended(ClientError::Closed {
+            addr: shared.addr.clone(),
+            reason: reason.clone(),
+        }));
+    }
+}
+
+async fn read_loop(
+    shared: Arc<Shared>,
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+) {
+    let reason = loop {
+        let next = tokio::select! {
+            f = frames.next() => f,
+            _ = shared.closed.cancelled() => break "closed by this client".to_string(),
+        };
+        let body = match next {
+            None => break "the node closed it".to_string(),
+            Some(Err(e)) => break e.to_string(),
+            Some(Ok(b)) => b,
+        };
+        let frame = match peerbus_proto::decode_server(&body) {
+            Ok(f) => f,
+            Err(e) => break e.to_string(),
+        };
+        match frame {
+            ServerFrame::Response { id, body } => {
+                let waiter = shared.pending.lock().expect("pending lock").remove(&id);
+                if let Some(w) = waiter {
+                    let _ = w.send(body);
+                }
+            }
+            ServerFrame::Delivery { sub, messages } => {
+                let route = shared.subs.lock().expect("subs lock").get(&sub).cloned();
+                if let Some(route) = route
+                    && route.send(SubEvent::Messages(messages)).await.is_err()
+                {
+                    shared.subs.lock().expect("subs lock").remove(&sub);
+                }
+            }
+            ServerFrame::SubscriptionEnded { sub, reason } => {
+                let route = shared.subs.lock().expect("subs lock").remove(&sub);
+                if let Some(route) = route {
+                    let _ = route
+                        .send(SubEvent::Ended(ClientError::Server(reason)))
+                        .await;
+                }
+            }
+            ServerFrame::Refused(e) => break e.message,
+            ServerFrame::Welcome { .. } => break "second welcome from the node".to_string(),
+        }
+    };
+    tracing::debug!("connection to {} closed: {reason}", shared.addr);
+    close(&shared, reason);
+}
