@@ -1,0 +1,225 @@
+//! The peerbus peer node: hosts topics as durable logs, serves publishers and subscribers,
+//! forwards requests for topics hosted elsewhere, and keeps a lease with the index.
+//!
+//! Publishing assigns offsets under the topic's lock and hands the batch to the node's single
+//! storage writer (group commit); the acknowledgement goes out once the batch is durable for
+//! the configured [`Durability`], and only then do readers see it.
+
+mod lease;
+mod node;
+pub mod retention;
+mod topic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peerbus_net::{ServerConfig, serve};
+use peerbus_proto::NodeKind;
+use peerbus_store::{Backend, FjallBackend, MemoryBackend};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use node::{Node, PeerService};
+
+/// When a publish is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// After the batch's group commit is fsynced (the default).
+    #[default]
+    Sync,
+    /// After the write reaches the operating system.
+    Os,
+    /// Kept in memory only; nothing is written to disk.
+    Memory,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sync" => Ok(Durability::Sync),
+            "os" => Ok(Durability::Os),
+            "memory" => Ok(Durability::Memory),
+            other => Err(format!(
+                "unknown durability {other:?}: expected sync, os or memory"
+            )),
+        }
+    }
+}
+
+/// How to run a peer.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Address to listen on for the binary protocol.
+    pub listen: String,
+    /// Address other nodes reach this peer on; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// The index's address.
+    pub index: String,
+    /// HTTP address announced to the index, if this peer serves HTTP.
+    pub http: Option<String>,
+    /// Data directory; `None` keeps everything in memory.
+    pub data: Option<PathBuf>,
+    /// When publishes are acknowledged.
+    pub durability: Durability,
+    /// Peer name; defaults to the name saved in the data directory, else `peer-PORT`.
+    pub name: Option<String>,
+    /// Shared token for every connection (`--auth-token`).
+    pub token: Option<String>,
+    /// Log every request received, one line each.
+    pub trace_messages: bool,
+}
+
+impl PeerConfig {
+    /// A peer listening on `listen` that registers with the index at `index`, in memory.
+    pub fn new(listen: impl Into<String>, index: impl Into<String>) -> Self {
+        PeerConfig {
+            listen: listen.into(),
+            advertise: None,
+            index: index.into(),
+            http: None,
+            data: None,
+            durability: Durability::Sync,
+            name: None,
+            token: None,
+            trace_messages: false,
+        }
+    }
+}
+
+/// Why a peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The OS's reason.
+        source: std::io::Error,
+    },
+    /// The data directory could not be opened or read.
+    #[error("cannot open peer data in {dir}: {source}")]
+    Storage {
+        /// The directory.
+        dir: String,
+        /// What failed.
+        source: peerbus_store::StoreError,
+    },
+}
+
+/// A running peer.
+#[derive(Debug)]
+pub struct Peer {
+    addr: SocketAddr,
+    name: String,
+    node: Arc<Node>,
+    server: JoinHandle<()>,
+    lease: JoinHandle<()>,
+    registered: watch::Receiver<bool>,
+}
+
+impl Peer {
+    /// Opens storage, binds, and starts serving and the lease with the index. Returns once
+    /// listening; registration proceeds in the background (see [`Peer::registered`]).
+    pub async fn start(config: PeerConfig, shutdown: CancellationToken) -> Result<Peer, PeerError> {
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| PeerError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| PeerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let backend: Arc<dyn Backend> = match (&config.data, config.durability) {
+            (Some(dir), Durability::Sync | Durability::Os) => {
+                let dir = dir.join("store");
+                Arc::new(
+                    FjallBackend::open(&dir).map_err(|source| PeerError::Storage {
+                        dir: dir.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
+            _ => Arc::new(MemoryBackend::new()),
+        };
+        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let default_name = format!("peer-{}", addr.port());
+        let data_dir = config
+            .data
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "memory".into());
+        let mut server_config = ServerConfig::new(NodeKind::Peer);
+        server_config.token = config.token.clone();
+        server_config.trace_messages = config.trace_messages;
+        let node = Arc::new(
+            Node::open(config, backend, advertise, default_name).map_err(|source| {
+                PeerError::Storage {
+                    dir: data_dir,
+                    source,
+                }
+            })?,
+        );
+        let name = node.name.clone();
+        tracing::info!(
+            "peer {name} listening on {addr}, index {}",
+            node.config.index
+        );
+        let service = Arc::new(PeerService { node: node.clone() });
+        // The server stops after the lease has left the index, so the index stops sending
+        // clients here before connections close.
+        let server_stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, service, server_config, server_stop.clone()));
+        let (ready_tx, registered) = watch::channel(false);
+        let lease_node = node.clone();
+        let lease = tokio::spawn(async move {
+            lease::run(lease_node, shutdown, ready_tx).await;
+            server_stop.cancel();
+        });
+        Ok(Peer {
+            addr,
+            name,
+            node,
+            server,
+            lease,
+            registered,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until the peer holds a lease with the index, up to `timeout`. Returns whether
+    /// it did.
+    pub async fn registered(&self, timeout: Duration) -> bool {
+        let mut rx = self.registered.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r))
+            .await
+            .is_ok()
+    }
+
+    /// Waits for the peer to stop (after the shutdown token is cancelled): it leaves the
+    /// index, closes its connections and flushes storage.
+    pub async fn wait(self) {
+        let _ = self.lease.await;
+        let _ = self.server.await;
+        self.node.writer.shutdown();
+        tracing::info!("peer {} stopped", self.name);
+    }
+}
