@@ -1,0 +1,295 @@
+//! Client commands: topics, publish, subscribe, pull, peers.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use peerbus_client::{Client, Message, PublishAck, Retention, StartFrom};
+use serde_json::json;
+
+use crate::{Cli, Command, TopicCommand};
+
+/// Acknowledgements awaited at most in flight by `publish -`; bounds memory on huge inputs.
+const PUBLISH_WINDOW: usize = 1 << 17;
+
+fn parse_from(from: Option<&str>) -> anyhow::Result<Option<StartFrom>> {
+    Ok(match from {
+        None => None,
+        Some("earliest") => Some(StartFrom::Earliest),
+        Some("latest") => Some(StartFrom::Latest),
+        Some(n) => Some(StartFrom::Offset(n.parse().map_err(|_| {
+            anyhow::anyhow!("--from {n:?} is not earliest, latest or an offset")
+        })?)),
+    })
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn print_message(out: &mut impl Write, json: bool, topic: &str, m: &Message) -> std::io::Result<()> {
+    let text = String::from_utf8_lossy(&m.payload);
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"topic": topic, "offset": m.offset, "timestamp": time(m.timestamp_ms), "message": text})
+        )
+    } else {
+        writeln!(out, "{text}")
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::with_token(cli.index.clone(), cli.auth_token.clone());
+    let json = cli.json;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match cli.command {
+        Command::Topic(TopicCommand::Create {
+            names,
+            peer,
+            max_messages,
+            max_bytes,
+            max_age,
+            consumed,
+        }) => {
+            let mut retention = Retention {
+                max_messages,
+                max_age_secs: max_age,
+                consumed,
+                ..Retention::default()
+            };
+            if max_bytes.is_some() {
+                retention.max_bytes = max_bytes;
+            }
+            for name in names {
+                let loc = client.create_topic(&name, peer.as_deref(), retention).await?;
+                if json {
+                    writeln!(out, "{}", json!({"topic": loc.topic, "peer": loc.peer_name, "addr": loc.addr}))?;
+                } else {
+                    writeln!(out, "created topic '{}' on peer {} ({})", loc.topic, loc.peer_name, loc.addr)?;
+                }
+            }
+        }
+        Command::Topic(TopicCommand::Delete { names }) => {
+            for name in names {
+                client.delete_topic(&name).await?;
+                if json {
+                    writeln!(out, "{}", json!({"deleted": name}))?;
+                } else {
+                    writeln!(out, "deleted topic '{name}'")?;
+                }
+            }
+        }
+        Command::Topic(TopicCommand::List { prefix }) => {
+            for t in client.list_topics(prefix.as_deref()).await? {
+                if json {
+                    writeln!(out, "{}", json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr}))?;
+                } else {
+                    writeln!(out, "{}\t{}\t{}", t.topic, t.peer_name, t.addr)?;
+                }
+            }
+        }
+        Command::Topic(TopicCommand::Lookup { name }) => {
+            let t = client.lookup(&name).await?;
+            if json {
+                writeln!(out, "{}", json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr}))?;
+            } else {
+                writeln!(out, "{} {}", t.peer_name, t.addr)?;
+            }
+        }
+        Command::Publish { topic, messages } => {
+            publish(&client, &topic, &messages, json, &mut out).await?;
+        }
+        Command::Subscribe {
+            topics,
+            subscriber,
+            follow,
+            from,
+        } => {
+            let from = parse_from(from.as_deref())?;
+            if !follow {
+                for t in topics {
+                    let next = client.subscribe(&t, &subscriber, from).await?;
+                    if json {
+                        writeln!(out, "{}", json!({"topic": t, "subscriber": subscriber, "next_offset": next}))?;
+                    } else {
+                        writeln!(out, "subscribed '{subscriber}' to topic '{t}' at offset {next}")?;
+                    }
+                }
+            } else {
+                drop(out);
+                follow_topics(&client, topics, &subscriber, from, json).await?;
+                return Ok(());
+            }
+        }
+        Command::Pull {
+            topic,
+            subscriber,
+            max,
+        } => {
+            let mut left = max.unwrap_or(u64::MAX);
+            while left > 0 {
+                let set = client
+                    .pull(&topic, &subscriber, left.min(8192) as u32, Duration::ZERO)
+                    .await?;
+                if set.is_empty() {
+                    break;
+                }
+                left -= set.len() as u64;
+                for m in set.messages() {
+                    print_message(&mut out, json, &topic, &m)?;
+                }
+            }
+        }
+        Command::Unsubscribe { topic, subscriber } => {
+            client.unsubscribe(&topic, &subscriber).await?;
+            if !json {
+                writeln!(out, "unsubscribed '{subscriber}' from topic '{topic}'")?;
+            } else {
+                writeln!(out, "{}", json!({"topic": topic, "unsubscribed": subscriber}))?;
+            }
+        }
+        Command::Subscribers { topic } => {
+            for s in client.subscribers(&topic).await? {
+                if json {
+                    writeln!(out, "{}", json!({"topic": topic, "subscriber": s.name, "next_offset": s.next_offset}))?;
+                } else {
+                    writeln!(out, "{}\tnext offset {}", s.name, s.next_offset)?;
+                }
+            }
+        }
+        Command::Peers => {
+            let peers = client.peers().await?;
+            if !json {
+                writeln!(out, "ID  NAME          ADDRESS                ACTIVE  REGS  LAST REGISTERED           TTL LEFT  TOPICS  FILES")?;
+            }
+            for p in peers {
+                let last = time(p.last_registered_ms);
+                let ttl = p.ttl_left_ms.div_ceil(1000);
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({
+                            "id": p.id, "name": p.name, "addr": p.addr, "http": p.http,
+                            "active": p.active, "registrations": p.registrations,
+                            "last_registered": last, "ttl_left": ttl,
+                            "topics": p.topics, "files": p.files,
+                        })
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<3} {:<13} {:<22} {:<7} {:<5} {:<25} {:<9} {:<7} {}",
+                        p.id,
+                        p.name,
+                        p.addr,
+                        if p.active { "yes" } else { "no" },
+                        p.registrations,
+                        last,
+                        format!("{ttl}s"),
+                        p.topics,
+                        p.files
+                    )?;
+                }
+            }
+        }
+        Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => {
+            unreachable!("node commands are run by nodes::run")
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn publish(
+    client: &Client,
+    topic: &str,
+    messages: &[String],
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut window: std::collections::VecDeque<PublishAck> = std::collections::VecDeque::new();
+    let mut acked = 0u64;
+    let mut report = |out: &mut dyn Write, offset: u64| -> std::io::Result<()> {
+        acked += 1;
+        if json {
+            writeln!(out, "{}", json!({"topic": topic, "offset": offset}))?;
+        }
+        Ok(())
+    };
+    let mut send = |payload: bytes::Bytes, window: &mut std::collections::VecDeque<PublishAck>| {
+        window.push_back(client.publish_nowait(topic, payload));
+    };
+    for m in messages {
+        if m == "-" {
+            let stdin = std::io::stdin();
+            let mut lines = stdin.lock();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = lines.read_until(b'\n', &mut line).context("reading stdin")?;
+                if n == 0 {
+                    break;
+                }
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                send(bytes::Bytes::copy_from_slice(&line), &mut window);
+                if window.len() >= PUBLISH_WINDOW {
+                    let off = window.pop_front().expect("window is full").await?;
+                    report(out, off)?;
+                }
+            }
+        } else {
+            send(bytes::Bytes::copy_from_slice(m.as_bytes()), &mut window);
+        }
+    }
+    while let Some(ack) = window.pop_front() {
+        let off = ack.await?;
+        report(out, off)?;
+    }
+    if !json {
+        writeln!(out, "published {acked} messages to '{topic}'")?;
+    }
+    Ok(())
+}
+
+async fn follow_topics(
+    client: &Client,
+    topics: Vec<String>,
+    subscriber: &str,
+    from: Option<StartFrom>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut streams = Vec::new();
+    for t in &topics {
+        let sub = client.follow(t, subscriber, from).await?;
+        streams.push(sub.map(move |m| (t.clone(), m)));
+    }
+    if streams.is_empty() {
+        bail!("no topic to follow");
+    }
+    let mut all = futures::stream::select_all(streams);
+    let stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            next = all.next() => match next {
+                Some((topic, Ok(m))) => {
+                    let mut out = stdout.lock();
+                    print_message(&mut out, json, &topic, &m)?;
+                    out.flush()?;
+                }
+                Some((topic, Err(e))) => bail!("subscription to topic '{topic}' ended: {e}"),
+                None => return Ok(()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The `peerbus` command: runs nodes (`index`, `peer`, `up`) and talks to a cluster.
+
+mod commands;
+mod logging;
+mod nodes;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// peerbus: peer-to-peer publish/subscribe.
+#[derive(Parser, Debug)]
+#[command(name = "peerbus", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The index server's address.
+    #[arg(long, global = true, env = "PEERBUS_INDEX", default_value = "127.0.0.1:7400")]
+    pub index: String,
+    /// Print one JSON object per line on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Print every protocol message a node receives, one line each.
+    #[arg(long, global = true)]
+    pub trace_messages: bool,
+    /// Shared token nodes require (`--auth-token` on the nodes).
+    #[arg(long, global = true, env = "PEERBUS_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where a node keeps its data.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Data directory.
+    #[arg(long, conflicts_with = "in_memory")]
+    pub data: Option<PathBuf>,
+    /// Keep everything in memory; nothing survives a restart.
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the index server.
+    Index {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Lease TTL in seconds; a peer silent this long is marked inactive.
+        #[arg(long, default_value_t = 30)]
+        ttl: u64,
+    },
+    /// Run a peer node.
+    Peer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        listen: String,
+        /// Address other nodes reach this peer on (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Peer name (default: saved name, else peer-PORT).
+        #[arg(long)]
+        name: Option<String>,
+        /// When a publish is acknowledged: sync (after fsync), os, or memory.
+        #[arg(long, default_value = "sync")]
+        durability: peerbus_peer::Durability,
+    },
+    /// Run an index and N peers in one process on loopback.
+    Up {
+        /// Number of peers.
+        #[arg(long, default_value_t = 3)]
+        peers: usize,
+        /// Data directory for every node.
+        #[arg(long, default_value = "./peerbus-data")]
+        data: PathBuf,
+    },
+    /// Create, delete, list and look up topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Publish messages ("-" reads one message per stdin line).
+    #[command(alias = "pub")]
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The messages.
+        #[arg(required = true)]
+        messages: Vec<String>,
+    },
+    /// Subscribe; with --follow, stream messages as they are published.
+    #[command(alias = "sub")]
+    Subscribe {
+        /// The topics.
+        #[arg(required = true)]
+        topics: Vec<String>,
+        /// Subscriber name.
+        #[arg(long = "as", value_name = "ID")]
+        subscriber: String,
+        /// Stream messages until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Where to start: earliest, latest or an offset.
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Print the messages this subscriber has not pulled yet.
+    Pull {
+        /// The topic.
+        topic: String,
+        /// Subscriber name.
+        #[arg(long = "as", value_name = "ID")]
+        subscriber: String,
+        /// At most this many messages.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Remove a subscription and its position.
+    Unsubscribe {
+        /// The topic.
+        topic: String,
+        /// Subscriber name.
+        #[arg(long = "as", value_name = "ID")]
+        subscriber: String,
+    },
+    /// List the subscribers of a topic.
+    Subscribers {
+        /// The topic.
+        topic: String,
+    },
+    /// List every peer the index knows.
+    Peers,
+}
+
+/// Topic commands.
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create topics.
+    Create {
+        /// Topic names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Host them on this peer (name or address); default: the least-loaded live peer.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Keep at most this many messages.
+        #[arg(long)]
+        max_messages: Option<u64>,
+        /// Keep at most this many payload bytes (default 1 GiB).
+        #[arg(long)]
+        max_bytes: Option<u64>,
+        /// Drop messages older than this many seconds.
+        #[arg(long)]
+        max_age: Option<u64>,
+        /// Drop a message once every subscriber has pulled it.
+        #[arg(long)]
+        consumed: bool,
+    },
+    /// Delete topics and their data.
+    Delete {
+        /// Topic names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// List topics.
+    List {
+        /// Only names starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Print the hosting peer's name and address.
+    Lookup {
+        /// Topic name.
+        name: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(run(cli));
+    // Do not wait for stray tasks (a follow stream's reader) at exit.
+    rt.shutdown_background();
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => {
+            nodes::run(cli).await
+        }
+        _ => {
+            let level = match cli.verbose {
+                0 => "warn",
+                1 => "debug",
+                _ => "trace",
+            };
+            logging::init(level, false, None)?;
+            commands::run(cli).await
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! `peerbus index`, `peerbus peer` and `peerbus up`: run nodes until Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use peerbus_index::{Index, IndexConfig};
+use peerbus_peer::{Durability, Peer, PeerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::{logging, Cli, Command, DataArgs};
+
+fn level(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    }
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn data_dir(data: &DataArgs, default: PathBuf) -> Option<PathBuf> {
+    if data.in_memory {
+        None
+    } else {
+        Some(data.data.clone().unwrap_or(default))
+    }
+}
+
+fn log_file(dir: Option<&Path>) -> Option<PathBuf> {
+    dir.map(|d| d.join("peerbus.log"))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Index {
+            ref listen,
+            ref data,
+            ttl,
+        } => {
+            let dir = data_dir(data, PathBuf::from("peerbus-data/index"));
+            logging::init(level(cli.verbose), cli.trace_messages, log_file(dir.as_deref()).as_deref())?;
+            let mut config = IndexConfig::new(listen.clone());
+            config.data = dir;
+            config.ttl = Duration::from_secs(ttl.max(1));
+            config.token = cli.auth_token.clone();
+            config.trace_messages = cli.trace_messages;
+            let index = Index::start(config, shutdown.clone()).await?;
+            eprintln!("peerbus index listening on {}", index.addr());
+            stop_signal().await;
+            tracing::info!("stopping the index");
+            shutdown.cancel();
+            index.wait().await;
+            Ok(())
+        }
+        Command::Peer {
+            ref listen,
+            ref advertise,
+            ref data,
+            ref name,
+            durability,
+        } => {
+            let port = listen.rsplit(':').next().unwrap_or("0");
+            let default_dir = PathBuf::from("peerbus-data").join(
+                name.clone().unwrap_or_else(|| format!("peer-{port}")),
+            );
+            let dir = data_dir(data, default_dir);
+            logging::init(level(cli.verbose), cli.trace_messages, log_file(dir.as_deref()).as_deref())?;
+            let mut config = PeerConfig::new(listen.clone(), cli.index.clone());
+            config.advertise = advertise.clone();
+            config.data = dir;
+            config.durability = if data.in_memory { Durability::Memory } else { durability };
+            config.name = name.clone();
+            config.token = cli.auth_token.clone();
+            config.trace_messages = cli.trace_messages;
+            let peer = Peer::start(config, shutdown.clone()).await?;
+            eprintln!("peerbus peer {} listening on {}", peer.name(), peer.addr());
+            stop_signal().await;
+            tracing::info!("stopping peer {}", peer.name());
+            shutdown.cancel();
+            peer.wait().await;
+            Ok(())
+        }
+        Command::Up { peers, ref data } => up(&cli, peers, data, shutdown).await,
+        _ => unreachable!("client commands are run by commands::run"),
+    }
+}
+
+async fn up(cli: &Cli, peers: usize, data: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    logging::init(level(cli.verbose), cli.trace_messages, Some(&data.join("peerbus.log")))?;
+    let mut config = IndexConfig::new(cli.index.clone());
+    config.data = Some(data.join("index"));
+    config.token = cli.auth_token.clone();
+    config.trace_messages = cli.trace_messages;
+    // The index stops only after every peer has left it.
+    let index_stop = CancellationToken::new();
+    let index = Index::start(config, index_stop.clone())
+        .await
+        .with_context(|| format!("cannot start the index on {} (is another peerbus running? set --index to another address)", cli.index))?;
+    let index_addr = index.addr();
+    let host = index_addr.ip();
+    let mut running = Vec::new();
+    for i in 0..peers {
+        let name = format!("peer{}", i + 1);
+        // Next to the index's port when free, so addresses are easy to read; else any port.
+        let preferred = format!("{host}:{}", index_addr.port() as usize + 1 + i);
+        let mut config = PeerConfig::new(preferred.clone(), index_addr.to_string());
+        config.data = Some(data.join(&name));
+        config.name = Some(name.clone());
+        config.token = cli.auth_token.clone();
+        config.trace_messages = cli.trace_messages;
+        let peer = match Peer::start(config.clone(), shutdown.clone()).await {
+            Ok(p) => p,
+            Err(peerbus_peer::PeerError::Bind { .. }) => {
+                config.listen = format!("{host}:0");
+                Peer::start(config, shutdown.clone()).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        running.push(peer);
+    }
+    for p in &running {
+        if !p.registered(Duration::from_secs(10)).await {
+            anyhow::bail!("peer {} did not register with the index within 10 s", p.name());
+        }
+    }
+    println!("peerbus is up: an index and {peers} peers, data in {}", data.display());
+    println!("  index  {index_addr}");
+    for p in &running {
+        println!("  {:<6} {}", p.name(), p.addr());
+    }
+    println!("  logs   {}", data.join("peerbus.log").display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  peerbus topic create news");
+    println!("  peerbus publish news \"hello\" \"world\"");
+    println!("  peerbus pull news --as alice");
+    println!();
+    println!("Ctrl-C stops everything.");
+    stop_signal().await;
+    println!("stopping: peers leave the index, then the index stops");
+    shutdown.cancel();
+    for p in running {
+        p.wait().await;
+    }
+    index_stop.cancel();
+    index.wait().await;
+    println!("stopped");
+    Ok(())
+}
