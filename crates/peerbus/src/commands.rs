@@ -221,7 +221,7 @@ async fn publish(
         }
         Ok(())
     };
-    let mut send = |payload: bytes::Bytes, window: &mut std::collections::VecDeque<PublishAck>| {
+    let send = |payload: bytes::Bytes, window: &mut std::collections::VecDeque<PublishAck>| {
         window.push_back(client.publish_nowait(topic, payload));
     };
     for m in messages {

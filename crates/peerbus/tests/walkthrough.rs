@@ -53,6 +53,23 @@ fn spawn(args: &[&str]) -> Node {
     Node { child, addr }
 }
 
+/// Runs a client command with `input` on its stdin.
+fn with_stdin(args: &[&str], input: String) -> std::process::Output {
+    use std::io::Write;
+    let mut child = peerbus()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    out
+}
+
 fn run(index: &str, args: &[&str]) -> (bool, String, String) {
     let out = peerbus().arg("--index").arg(index).args(args).output().unwrap();
     (
@@ -121,11 +138,7 @@ fn classic_walkthrough() {
 
     // Publish with arguments and from stdin, with --json acknowledgements.
     ok(&ix, &["publish", "news", "hello", "world"]);
-    let out = peerbus()
-        .args(["--index", &ix, "--json", "pub", "news", "-"])
-        .write_stdin("third\nfourth\n")
-        .output()
-        .unwrap();
+    let out = with_stdin(&["--index", &ix, "--json", "pub", "news", "-"], "third\nfourth\n".into());
     assert!(out.status.success());
     let acks: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(acks.len(), 2);
@@ -179,11 +192,10 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
         peers_json(&ix).iter().any(|p| p["active"] == true)
     });
     ok(&ix, &["topic", "create", "t"]);
-    let out = peerbus()
-        .args(["--index", &ix, "--json", "publish", "t", "-"])
-        .write_stdin((0..500).map(|i| format!("m{i}\n")).collect::<String>())
-        .output()
-        .unwrap();
+    let out = with_stdin(
+        &["--index", &ix, "--json", "publish", "t", "-"],
+        (0..500).map(|i| format!("m{i}\n")).collect(),
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 500);
 
     // kill -9: no leave. After the TTL the index marks it inactive and stops offering t.

@@ -1,0 +1,337 @@
+//! Requests to the index: registry operations answered locally, topic operations forwarded
+//! to the hosting peer.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use peerbus_client::{Client, ClientError};
+use peerbus_net::{ConnCtx, Service};
+use peerbus_proto::{ErrorCode, RegisterPeer, Request, Response, WireError};
+use peerbus_store::Writer;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::{Change, Expired, Registry, TopicDiff};
+use crate::storage;
+
+/// Topic names logged in full per announce or withdraw; beyond this a count is enough and
+/// a peer re-announcing a million topics does not flood the log.
+const LOGGED_TOPICS: usize = 10;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn new_cookie() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn topic_list(topics: &[String]) -> String {
+    let mut s = topics
+        .iter()
+        .take(LOGGED_TOPICS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if topics.len() > LOGGED_TOPICS {
+        s.push_str(&format!(" and {} more", topics.len() - LOGGED_TOPICS));
+    }
+    s
+}
+
+/// A forwarded request's outcome as the index's own answer: the host's error is relayed
+/// as is, failing to reach the host means the topic is unavailable right now.
+fn relay(result: Result<Response, ClientError>) -> Result<Response, WireError> {
+    match result {
+        Ok(r) => Ok(r),
+        Err(ClientError::Server(e)) => Err(e),
+        Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
+/// The index's request handler and state.
+pub(crate) struct IndexService {
+    registry: Mutex<Registry>,
+    writer: Writer,
+    /// Talks to peers for forwarded requests, with the index's own token.
+    client: Client,
+    ttl: Duration,
+    /// Forwarded requests in flight, so shutdown waits for them to end.
+    forwards: TaskTracker,
+}
+
+impl IndexService {
+    pub(crate) fn new(registry: Registry, writer: Writer, client: Client, ttl: Duration) -> Self {
+        IndexService {
+            registry: Mutex::new(registry),
+            writer,
+            client,
+            ttl,
+            forwards: TaskTracker::new(),
+        }
+    }
+
+    /// Locks the registry after ending every lease due, so each operation sees liveness as
+    /// of now (the registry's invariant) without waiting for the expiry timer.
+    fn registry(&self, now: u64) -> MutexGuard<'_, Registry> {
+        // Registry operations check everything before changing anything, so a panic cannot
+        // leave a half-made change behind; a poisoned lock is still consistent.
+        let mut reg = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let (expired, changes) = reg.expire(now);
+        if !changes.is_empty() {
+            // Submitted under the lock so the store sees changes in the registry's order.
+            self.writer.submit_detached(storage::ops(changes));
+        }
+        for Expired { id, name, topics } in expired {
+            tracing::info!(
+                "peer {name} (id {id}) expired: no keepalive within {}s ({topics} topics withdrawn)",
+                self.ttl.as_secs_f64()
+            );
+        }
+        reg
+    }
+
+    /// Ends the leases due now; run by the expiry timer.
+    pub(crate) fn expire_now(&self) {
+        drop(self.registry(now_ms()));
+    }
+
+    pub(crate) async fn wait_forwards(&self) {
+        self.forwards.close();
+        self.forwards.wait().await;
+    }
+
+    /// Lease length as told to peers, rounded up so a peer renewing every third of it is
+    /// never late, even with a sub-second TTL.
+    fn ttl_secs(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis().div_ceil(1000)).unwrap_or(u64::MAX)
+    }
+
+    async fn register(&self, req: &RegisterPeer) -> Result<Response, WireError> {
+        let now = now_ms();
+        let (reg, stored) = {
+            let mut registry = self.registry(now);
+            let (reg, changes) = registry.register(req, new_cookie(), now)?;
+            // Fsynced before answering: a peer told its id must find it after a crash.
+            (reg, self.writer.submit(storage::ops(changes), true))
+        };
+        let failure = match stored.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the storage writer stopped".to_string()),
+        };
+        if let Some(e) = failure {
+            tracing::error!(
+                "registration of peer {} (id {}) was not stored: {e}",
+                req.name,
+                reg.peer_id
+            );
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!("the index could not store the registration: {e}"),
+            ));
+        }
+        if let Some(old) = reg.replaced {
+            tracing::info!(
+                "peer name {} freed from inactive peer {old} for a new registration",
+                req.name
+            );
+        }
+        tracing::info!(
+            "peer {} (id {}) registered at {}{}: registration #{} in 30 days",
+            req.name,
+            reg.peer_id,
+            req.addr,
+            if reg.resumed {
+                ", resuming its identity"
+            } else {
+                ""
+            },
+            reg.registrations
+        );
+        Ok(Response::Registered {
+            peer_id: reg.peer_id,
+            cookie: reg.cookie,
+            ttl_secs: self.ttl_secs(),
+            registrations: reg.registrations,
+        })
+    }
+
+    /// Runs a registry change and queues its persistence, both under the lock so the
+    /// store sees changes in the registry's order.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Registry, u64) -> Result<(T, Vec<Change>), WireError>,
+    ) -> Result<T, WireError> {
+        let now = now_ms();
+        let mut reg = self.registry(now);
+        let (value, changes) = f(&mut reg, now)?;
+        if !changes.is_empty() {
+            self.writer.submit_detached(storage::ops(changes));
+        }
+        Ok(value)
+    }
+
+    /// Runs a registry query.
+    fn read<T>(&self, f: impl FnOnce(&Registry, u64) -> T) -> T {
+        let now = now_ms();
+        f(&self.registry(now), now)
+    }
+
+    fn log_diff(diff: &TopicDiff, peer_id: u64) {
+        if !diff.added.is_empty() {
+            tracing::info!(
+                "peer {} (id {peer_id}) announced {} topics: {}",
+                diff.name,
+                diff.added.len(),
+                topic_list(&diff.added)
+            );
+        }
+        if !diff.removed.is_empty() {
+            tracing::info!(
+                "peer {} (id {peer_id}) withdrew {} topics: {}",
+                diff.name,
+                diff.removed.len(),
+                topic_list(&diff.removed)
+            );
+        }
+    }
+
+    /// Answers `req`, or hands it to a task that will.
+    async fn answer(&self, conn: &Arc<ConnCtx>, id: u32, req: Request) -> Answer {
+        let result = match req {
+            Request::Ping => Ok(Response::Pong),
+            Request::Register(r) => self.register(&r).await,
+            Request::Keepalive(auth) => self
+                .change(|reg, now| Ok(((), reg.keepalive(&auth, now)?)))
+                .map(|()| Response::Ok),
+            Request::Leave(auth) => self.change(|reg, _| reg.leave(&auth)).map(|left| {
+                tracing::info!(
+                    "peer {} (id {}) left ({} topics withdrawn)",
+                    left.name,
+                    auth.peer_id,
+                    left.topics
+                );
+                Response::Ok
+            }),
+            Request::AnnounceTopics {
+                auth,
+                topics,
+                replace,
+            } => self
+                .change(|reg, _| reg.announce(&auth, &topics, replace))
+                .map(|diff| {
+                    Self::log_diff(&diff, auth.peer_id);
+                    Response::Ok
+                }),
+            Request::WithdrawTopics { auth, topics } => self
+                .change(|reg, _| reg.withdraw(&auth, &topics))
+                .map(|diff| {
+                    Self::log_diff(&diff, auth.peer_id);
+                    Response::Ok
+                }),
+            Request::ListPeers => Ok(Response::Peers(self.read(|reg, now| reg.list_peers(now)))),
+            Request::LookupTopic { topic } => self
+                .read(|reg, _| reg.lookup(&topic))
+                .map(Response::Location),
+            Request::ListTopics { prefix } => Ok(Response::Topics(
+                self.read(|reg, _| reg.list_topics(prefix.as_deref())),
+            )),
+            Request::CreateTopic {
+                topic,
+                retention,
+                peer,
+            } => match self.read(|reg, _| reg.plan_create(&topic, peer.as_deref())) {
+                Ok(host) => {
+                    tracing::info!(
+                        "creating topic '{topic}' on peer {} (id {}) at {}",
+                        host.name,
+                        host.id,
+                        host.addr
+                    );
+                    let req = Request::CreateTopic {
+                        topic,
+                        retention,
+                        peer: None,
+                    };
+                    self.forward(conn, id, host.addr, req);
+                    return Answer::Later;
+                }
+                Err(e) => Err(e),
+            },
+            Request::Subscribe(s) if s.follow.is_some() => Err(WireError::new(
+                ErrorCode::Unsupported,
+                "streaming subscriptions go to the hosting peer; look the topic up first",
+            )),
+            // Follows never start here, so there is nothing to stop.
+            Request::StopFollow { .. } => Ok(Response::Ok),
+            req => match req.hosted_topic() {
+                Some(topic) => match self.read(|reg, _| reg.lookup(topic)) {
+                    Ok(loc) => {
+                        self.forward(conn, id, loc.addr, req);
+                        return Answer::Later;
+                    }
+                    Err(e) => Err(e),
+                },
+                // Only requests added to the protocol after this index was written get here.
+                None => Err(WireError::new(
+                    ErrorCode::Unsupported,
+                    format!("the index does not serve {} requests", req.kind()),
+                )),
+            },
+        };
+        Answer::Now(result)
+    }
+
+    /// Sends `req` to the peer at `addr` in a task of its own, so this connection keeps
+    /// serving meanwhile (the peer may call back on another connection before answering),
+    /// and relays the answer.
+    fn forward(&self, conn: &Arc<ConnCtx>, id: u32, addr: String, req: Request) {
+        let client = self.client.clone();
+        let conn = conn.clone();
+        self.forwards.spawn(async move {
+            let result = tokio::select! {
+                r = client.request_at(&addr, req, false) => relay(r),
+                // The asker is gone (or the index is stopping): nobody needs the answer.
+                _ = conn.closed.cancelled() => return,
+            };
+            conn.reply(id, result).await;
+        });
+    }
+}
+
+/// How a request is answered.
+enum Answer {
+    /// Right away, with this.
+    Now(Result<Response, WireError>),
+    /// By a forwarding task.
+    Later,
+}
+
+impl Service for IndexService {
+    async fn handle(self: &Arc<Self>, conn: &Arc<ConnCtx>, id: u32, _forward: bool, req: Request) {
+        let kind = req.kind();
+        let refusable = matches!(
+            req,
+            Request::Register(_)
+                | Request::Keepalive(_)
+                | Request::Leave(_)
+                | Request::AnnounceTopics { .. }
+                | Request::WithdrawTopics { .. }
+        );
+        let Answer::Now(result) = self.answer(conn, id, req).await else {
+            return;
+        };
+        if let Err(e) = &result
+            && (e.code == ErrorCode::Unauthorized || refusable && e.code == ErrorCode::Exists)
+        {
+            tracing::warn!(
+                "refused {kind} from {} (connection {}): {e}",
+                conn.remote,
+                conn.id
+            );
+        }
+        conn.reply(id, result).await;
+    }
+}
