@@ -13,7 +13,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
     let index = args.next().unwrap_or_else(|| "127.0.0.1:7400".into());
     let client = Client::new(index);
-    match client.create_topic(&topic, None, Retention::default()).await {
+    match client
+        .create_topic(&topic, None, Retention::default())
+        .await
+    {
         Ok(loc) => println!("created '{topic}' on {} ({})", loc.peer_name, loc.addr),
         Err(e) if e.code() == Some(ErrorCode::Exists) => {}
         Err(e) => return Err(e.into()),

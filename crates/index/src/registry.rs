@@ -1037,28 +1037,50 @@ mod scale {
         reg.announce(&auth, &topics, true).unwrap();
         eprintln!("announce {:?}", t.elapsed());
         for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let found = reg.list_topics(Some("t012345"));
-        eprintln!("list {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let n = reg.directory.range::<str, _>((std::ops::Bound::Included("t012345"), std::ops::Bound::Unbounded)).take(11).count();
-        eprintln!("raw range {n} {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let n = reg.directory.range::<str, _>((std::ops::Bound::Included("t012345"), std::ops::Bound::Unbounded)).take_while(|(t, _)| t.starts_with("t012345")).count();
-        eprintln!("take_while {n} {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let n = reg.directory.range::<str, _>((std::ops::Bound::Included("t012345"), std::ops::Bound::Unbounded)).take_while(|(t, _)| t.starts_with("t012345")).filter_map(|(t, &id)| reg.location(t, id)).count();
-        eprintln!("location {n} {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let f2 = reg.list_topics(Some("t012345"));
-        eprintln!("list again {} {:?}", f2.len(), t.elapsed());
-        let t = std::time::Instant::now();
-        let _ = reg.lookup("t0123456");
-        eprintln!("lookup {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let _ = reg.list_peers(0);
-        eprintln!("peers {:?}", t.elapsed());
-        assert_eq!(found.len(), 10);
+            let t = std::time::Instant::now();
+            let found = reg.list_topics(Some("t012345"));
+            eprintln!("list {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            let n = reg
+                .directory
+                .range::<str, _>((
+                    std::ops::Bound::Included("t012345"),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take(11)
+                .count();
+            eprintln!("raw range {n} {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            let n = reg
+                .directory
+                .range::<str, _>((
+                    std::ops::Bound::Included("t012345"),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(t, _)| t.starts_with("t012345"))
+                .count();
+            eprintln!("take_while {n} {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            let n = reg
+                .directory
+                .range::<str, _>((
+                    std::ops::Bound::Included("t012345"),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(t, _)| t.starts_with("t012345"))
+                .filter_map(|(t, &id)| reg.location(t, id))
+                .count();
+            eprintln!("location {n} {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            let f2 = reg.list_topics(Some("t012345"));
+            eprintln!("list again {} {:?}", f2.len(), t.elapsed());
+            let t = std::time::Instant::now();
+            let _ = reg.lookup("t0123456");
+            eprintln!("lookup {:?}", t.elapsed());
+            let t = std::time::Instant::now();
+            let _ = reg.list_peers(0);
+            eprintln!("peers {:?}", t.elapsed());
+            assert_eq!(found.len(), 10);
         }
         let found = reg.list_topics(Some("t012345"));
         assert_eq!(found.len(), 10);

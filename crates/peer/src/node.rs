@@ -411,13 +411,11 @@ impl Node {
         set.first_offset = first.offset;
         let mut lens = Vec::with_capacity(msgs.len());
         let mut data = Vec::with_capacity(msgs.iter().map(|m| m.payload.len()).sum());
-        let mut expect = first.offset;
-        for m in &msgs {
+        for (expect, m) in (first.offset..).zip(&msgs) {
             // A gap (messages lost to a failed write) ends the set; the next read starts past it.
             if m.offset != expect || m.offset >= hw {
                 break;
             }
-            expect += 1;
             lens.push(m.payload.len() as u32);
             data.extend_from_slice(&m.payload);
             set.timestamps.push(m.timestamp_ms);

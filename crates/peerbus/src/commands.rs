@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use futures::StreamExt;
 use peerbus_client::{Client, Message, PublishAck, Retention, StartFrom};
 use serde_json::json;
@@ -28,7 +28,12 @@ fn time(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn print_message(out: &mut impl Write, json: bool, topic: &str, m: &Message) -> std::io::Result<()> {
+fn print_message(
+    out: &mut impl Write,
+    json: bool,
+    topic: &str,
+    m: &Message,
+) -> std::io::Result<()> {
     let text = String::from_utf8_lossy(&m.payload);
     if json {
         writeln!(
@@ -65,11 +70,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 retention.max_bytes = max_bytes;
             }
             for name in names {
-                let loc = client.create_topic(&name, peer.as_deref(), retention).await?;
+                let loc = client
+                    .create_topic(&name, peer.as_deref(), retention)
+                    .await?;
                 if json {
-                    writeln!(out, "{}", json!({"topic": loc.topic, "peer": loc.peer_name, "addr": loc.addr}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"topic": loc.topic, "peer": loc.peer_name, "addr": loc.addr})
+                    )?;
                 } else {
-                    writeln!(out, "created topic '{}' on peer {} ({})", loc.topic, loc.peer_name, loc.addr)?;
+                    writeln!(
+                        out,
+                        "created topic '{}' on peer {} ({})",
+                        loc.topic, loc.peer_name, loc.addr
+                    )?;
                 }
             }
         }
@@ -86,7 +101,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(TopicCommand::List { prefix }) => {
             for t in client.list_topics(prefix.as_deref()).await? {
                 if json {
-                    writeln!(out, "{}", json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr})
+                    )?;
                 } else {
                     writeln!(out, "{}\t{}\t{}", t.topic, t.peer_name, t.addr)?;
                 }
@@ -95,7 +114,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(TopicCommand::Lookup { name }) => {
             let t = client.lookup(&name).await?;
             if json {
-                writeln!(out, "{}", json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr})
+                )?;
             } else {
                 writeln!(out, "{} {}", t.peer_name, t.addr)?;
             }
@@ -114,9 +137,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 for t in topics {
                     let next = client.subscribe(&t, &subscriber, from).await?;
                     if json {
-                        writeln!(out, "{}", json!({"topic": t, "subscriber": subscriber, "next_offset": next}))?;
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({"topic": t, "subscriber": subscriber, "next_offset": next})
+                        )?;
                     } else {
-                        writeln!(out, "subscribed '{subscriber}' to topic '{t}' at offset {next}")?;
+                        writeln!(
+                            out,
+                            "subscribed '{subscriber}' to topic '{t}' at offset {next}"
+                        )?;
                     }
                 }
             } else {
@@ -149,13 +179,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if !json {
                 writeln!(out, "unsubscribed '{subscriber}' from topic '{topic}'")?;
             } else {
-                writeln!(out, "{}", json!({"topic": topic, "unsubscribed": subscriber}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"topic": topic, "unsubscribed": subscriber})
+                )?;
             }
         }
         Command::Subscribers { topic } => {
             for s in client.subscribers(&topic).await? {
                 if json {
-                    writeln!(out, "{}", json!({"topic": topic, "subscriber": s.name, "next_offset": s.next_offset}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"topic": topic, "subscriber": s.name, "next_offset": s.next_offset})
+                    )?;
                 } else {
                     writeln!(out, "{}\tnext offset {}", s.name, s.next_offset)?;
                 }
@@ -164,7 +202,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers => {
             let peers = client.peers().await?;
             if !json {
-                writeln!(out, "ID  NAME          ADDRESS                ACTIVE  REGS  LAST REGISTERED           TTL LEFT  TOPICS  FILES")?;
+                writeln!(
+                    out,
+                    "ID  NAME          ADDRESS                ACTIVE  REGS  LAST REGISTERED           TTL LEFT  TOPICS  FILES"
+                )?;
             }
             for p in peers {
                 let last = time(p.last_registered_ms);
@@ -231,7 +272,9 @@ async fn publish(
             let mut line = Vec::new();
             loop {
                 line.clear();
-                let n = lines.read_until(b'\n', &mut line).context("reading stdin")?;
+                let n = lines
+                    .read_until(b'\n', &mut line)
+                    .context("reading stdin")?;
                 if n == 0 {
                     break;
                 }

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 /// Installs logging. `default` is the level when `RUST_LOG` is unset; `trace_messages`
 /// turns on the one-line-per-request log; `file` adds a log file beside the node's data.

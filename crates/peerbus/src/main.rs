@@ -13,7 +13,12 @@ use clap::{Args, Parser, Subcommand};
 #[command(name = "peerbus", version, about, propagate_version = true)]
 pub struct Cli {
     /// The index server's address.
-    #[arg(long, global = true, env = "PEERBUS_INDEX", default_value = "127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "PEERBUS_INDEX",
+        default_value = "127.0.0.1:7400"
+    )]
     pub index: String,
     /// Print one JSON object per line on stdout.
     #[arg(long, global = true)]
@@ -184,7 +189,10 @@ pub enum TopicCommand {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -202,9 +210,7 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => {
-            nodes::run(cli).await
-        }
+        Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => nodes::run(cli).await,
         _ => {
             let level = match cli.verbose {
                 0 => "warn",

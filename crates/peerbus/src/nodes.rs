@@ -8,7 +8,7 @@ use peerbus_index::{Index, IndexConfig};
 use peerbus_peer::{Durability, Peer, PeerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::{logging, Cli, Command, DataArgs};
+use crate::{Cli, Command, DataArgs, logging};
 
 fn level(verbose: u8) -> &'static str {
     match verbose {
@@ -22,7 +22,7 @@ fn level(verbose: u8) -> &'static str {
 async fn stop_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
@@ -62,7 +62,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
         } => {
             let dir = data_dir(data, PathBuf::from("peerbus-data/index"));
-            logging::init(level(cli.verbose), cli.trace_messages, log_file(dir.as_deref()).as_deref())?;
+            logging::init(
+                level(cli.verbose),
+                cli.trace_messages,
+                log_file(dir.as_deref()).as_deref(),
+            )?;
             let mut config = IndexConfig::new(listen.clone());
             config.data = dir;
             config.ttl = Duration::from_secs(ttl.max(1));
@@ -84,15 +88,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             durability,
         } => {
             let port = listen.rsplit(':').next().unwrap_or("0");
-            let default_dir = PathBuf::from("peerbus-data").join(
-                name.clone().unwrap_or_else(|| format!("peer-{port}")),
-            );
+            let default_dir = PathBuf::from("peerbus-data")
+                .join(name.clone().unwrap_or_else(|| format!("peer-{port}")));
             let dir = data_dir(data, default_dir);
-            logging::init(level(cli.verbose), cli.trace_messages, log_file(dir.as_deref()).as_deref())?;
+            logging::init(
+                level(cli.verbose),
+                cli.trace_messages,
+                log_file(dir.as_deref()).as_deref(),
+            )?;
             let mut config = PeerConfig::new(listen.clone(), cli.index.clone());
             config.advertise = advertise.clone();
             config.data = dir;
-            config.durability = if data.in_memory { Durability::Memory } else { durability };
+            config.durability = if data.in_memory {
+                Durability::Memory
+            } else {
+                durability
+            };
             config.name = name.clone();
             config.token = cli.auth_token.clone();
             config.trace_messages = cli.trace_messages;
@@ -109,10 +120,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(cli: &Cli, peers: usize, data: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn up(
+    cli: &Cli,
+    peers: usize,
+    data: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create data directory {}", data.display()))?;
-    logging::init(level(cli.verbose), cli.trace_messages, Some(&data.join("peerbus.log")))?;
+    logging::init(
+        level(cli.verbose),
+        cli.trace_messages,
+        Some(&data.join("peerbus.log")),
+    )?;
     let mut config = IndexConfig::new(cli.index.clone());
     config.data = Some(data.join("index"));
     config.token = cli.auth_token.clone();
@@ -146,10 +166,16 @@ async fn up(cli: &Cli, peers: usize, data: &Path, shutdown: CancellationToken) -
     }
     for p in &running {
         if !p.registered(Duration::from_secs(10)).await {
-            anyhow::bail!("peer {} did not register with the index within 10 s", p.name());
+            anyhow::bail!(
+                "peer {} did not register with the index within 10 s",
+                p.name()
+            );
         }
     }
-    println!("peerbus is up: an index and {peers} peers, data in {}", data.display());
+    println!(
+        "peerbus is up: an index and {peers} peers, data in {}",
+        data.display()
+    );
     println!("  index  {index_addr}");
     for p in &running {
         println!("  {:<6} {}", p.name(), p.addr());

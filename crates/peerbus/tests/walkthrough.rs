@@ -22,7 +22,9 @@ impl Drop for Node {
 
 fn peerbus() -> Command {
     let mut c = Command::cargo_bin("peerbus").expect("the peerbus binary is built");
-    c.env_remove("PEERBUS_INDEX").env_remove("PEERBUS_TOKEN").env("RUST_LOG", "info");
+    c.env_remove("PEERBUS_INDEX")
+        .env_remove("PEERBUS_TOKEN")
+        .env("RUST_LOG", "info");
     c
 }
 
@@ -41,7 +43,12 @@ fn spawn(args: &[&str]) -> Node {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if !sent && let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().trim_end_matches(',').to_string();
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches(',')
+                    .to_string();
                 let _ = tx.send(addr);
                 sent = true;
             }
@@ -71,7 +78,12 @@ fn with_stdin(args: &[&str], input: String) -> std::process::Output {
 }
 
 fn run(index: &str, args: &[&str]) -> (bool, String, String) {
-    let out = peerbus().arg("--index").arg(index).args(args).output().unwrap();
+    let out = peerbus()
+        .arg("--index")
+        .arg(index)
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -86,8 +98,17 @@ fn ok(index: &str, args: &[&str]) -> String {
 }
 
 fn fails(index: &str, args: &[&str]) -> String {
-    let out = peerbus().arg("--index").arg(index).args(args).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "peerbus {args:?} should fail with status 1");
+    let out = peerbus()
+        .arg("--index")
+        .arg(index)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "peerbus {args:?} should fail with status 1"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
@@ -110,7 +131,13 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn sigint(node: &mut Node) -> std::process::ExitStatus {
     let pid = node.child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     node.child.wait().unwrap()
 }
 
@@ -118,19 +145,61 @@ fn sigint(node: &mut Node) -> std::process::ExitStatus {
 fn classic_walkthrough() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let index = spawn(&["index", "--listen", "127.0.0.1:0", "--data", &d("index"), "--ttl", "3"]);
+    let index = spawn(&[
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        &d("index"),
+        "--ttl",
+        "3",
+    ]);
     let ix = index.addr.clone();
-    let p1 = spawn(&["--index", &ix, "peer", "--listen", "127.0.0.1:0", "--name", "p1", "--data", &d("p1")]);
-    let mut p2 = spawn(&["--index", &ix, "peer", "--listen", "127.0.0.1:0", "--name", "p2", "--data", &d("p2"), "--trace-messages"]);
+    let p1 = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "p1",
+        "--data",
+        &d("p1"),
+    ]);
+    let mut p2 = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "p2",
+        "--data",
+        &d("p2"),
+        "--trace-messages",
+    ]);
     wait_for("both peers active", Duration::from_secs(20), || {
-        peers_json(&ix).iter().filter(|p| p["active"] == true).count() == 2
+        peers_json(&ix)
+            .iter()
+            .filter(|p| p["active"] == true)
+            .count()
+            == 2
     });
 
     // Topics created on each peer.
     assert!(ok(&ix, &["topic", "create", "news", "--peer", "p1"]).contains("on peer p1"));
-    ok(&ix, &["topic", "create", "TV", "weather", "--peer", &p2.addr]);
-    assert_eq!(ok(&ix, &["topic", "lookup", "TV"]).trim(), format!("p2 {}", p2.addr));
-    assert_eq!(ok(&ix, &["topic", "lookup", "news"]).trim(), format!("p1 {}", p1.addr));
+    ok(
+        &ix,
+        &["topic", "create", "TV", "weather", "--peer", &p2.addr],
+    );
+    assert_eq!(
+        ok(&ix, &["topic", "lookup", "TV"]).trim(),
+        format!("p2 {}", p2.addr)
+    );
+    assert_eq!(
+        ok(&ix, &["topic", "lookup", "news"]).trim(),
+        format!("p1 {}", p1.addr)
+    );
     let e = fails(&ix, &["topic", "create", "news"]);
     assert!(e.contains("topic 'news' exists on peer p1"), "{e}");
     let e = fails(&ix, &["topic", "create", "bad name"]);
@@ -138,9 +207,15 @@ fn classic_walkthrough() {
 
     // Publish with arguments and from stdin, with --json acknowledgements.
     ok(&ix, &["publish", "news", "hello", "world"]);
-    let out = with_stdin(&["--index", &ix, "--json", "pub", "news", "-"], "third\nfourth\n".into());
+    let out = with_stdin(
+        &["--index", &ix, "--json", "pub", "news", "-"],
+        "third\nfourth\n".into(),
+    );
     assert!(out.status.success());
-    let acks: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let acks: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(acks.len(), 2);
     assert_eq!(acks[0]["topic"], "news");
     assert_eq!(acks[0]["offset"], 2);
@@ -148,11 +223,20 @@ fn classic_walkthrough() {
 
     // A subscriber arriving after the publisher still gets every message.
     assert!(ok(&ix, &["subscribe", "news", "--as", "alice"]).contains("at offset 0"));
-    assert_eq!(ok(&ix, &["pull", "news", "--as", "alice"]), "hello\nworld\nthird\nfourth\n");
+    assert_eq!(
+        ok(&ix, &["pull", "news", "--as", "alice"]),
+        "hello\nworld\nthird\nfourth\n"
+    );
     assert_eq!(ok(&ix, &["pull", "news", "--as", "alice"]), "");
     ok(&ix, &["publish", "news", "fifth"]);
-    assert_eq!(ok(&ix, &["pull", "news", "--as", "alice", "--max", "5"]), "fifth\n");
-    assert_eq!(ok(&ix, &["pull", "news", "--as", "bob", "--max", "2"]), "hello\nworld\n");
+    assert_eq!(
+        ok(&ix, &["pull", "news", "--as", "alice", "--max", "5"]),
+        "fifth\n"
+    );
+    assert_eq!(
+        ok(&ix, &["pull", "news", "--as", "bob", "--max", "2"]),
+        "hello\nworld\n"
+    );
     assert!(ok(&ix, &["subscribers", "news"]).contains("alice"));
     ok(&ix, &["unsubscribe", "news", "--as", "bob"]);
     assert!(!ok(&ix, &["subscribers", "news"]).contains("bob"));
@@ -162,7 +246,10 @@ fn classic_walkthrough() {
     let e = fails(&ix, &["topic", "lookup", "weather"]);
     assert_eq!(e.trim(), "error: topic 'weather' not found");
     let list = ok(&ix, &["topic", "list"]);
-    assert!(list.contains("news") && list.contains("TV") && !list.contains("weather"), "{list}");
+    assert!(
+        list.contains("news") && list.contains("TV") && !list.contains("weather"),
+        "{list}"
+    );
 
     // Ctrl-C on p2: it leaves, exits 0, its topics answer "not found", peers shows it inactive.
     let status = sigint(&mut p2);
@@ -174,7 +261,15 @@ fn classic_walkthrough() {
     let peers = peers_json(&ix);
     let p2j = peers.iter().find(|p| p["name"] == "p2").unwrap();
     assert_eq!(p2j["active"], false);
-    for field in ["id", "name", "addr", "active", "registrations", "last_registered", "ttl_left"] {
+    for field in [
+        "id",
+        "name",
+        "addr",
+        "active",
+        "registrations",
+        "last_registered",
+        "ttl_left",
+    ] {
         assert!(p2j.get(field).is_some(), "peers --json lacks {field}");
     }
     drop(p1);
@@ -185,9 +280,27 @@ fn classic_walkthrough() {
 fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let index = spawn(&["index", "--listen", "127.0.0.1:0", "--data", &d("index"), "--ttl", "2"]);
+    let index = spawn(&[
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        &d("index"),
+        "--ttl",
+        "2",
+    ]);
     let ix = index.addr.clone();
-    let mut p = spawn(&["--index", &ix, "peer", "--listen", "127.0.0.1:0", "--name", "solo", "--data", &d("solo")]);
+    let mut p = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "solo",
+        "--data",
+        &d("solo"),
+    ]);
     wait_for("peer active", Duration::from_secs(20), || {
         peers_json(&ix).iter().any(|p| p["active"] == true)
     });
@@ -201,14 +314,24 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
     // kill -9: no leave. After the TTL the index marks it inactive and stops offering t.
     p.child.kill().unwrap();
     p.child.wait().unwrap();
-    wait_for("peer inactive after its TTL", Duration::from_secs(20), || {
-        peers_json(&ix).iter().all(|p| p["active"] == false)
-    });
+    wait_for(
+        "peer inactive after its TTL",
+        Duration::from_secs(20),
+        || peers_json(&ix).iter().all(|p| p["active"] == false),
+    );
     let e = fails(&ix, &["topic", "lookup", "t"]);
     assert!(e.contains("not found"), "{e}");
 
     // Restart from the same data: same id, one more registration, every message served.
-    let _p = spawn(&["--index", &ix, "peer", "--listen", "127.0.0.1:0", "--data", &d("solo")]);
+    let _p = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        &d("solo"),
+    ]);
     wait_for("peer active again", Duration::from_secs(20), || {
         peers_json(&ix).iter().any(|p| p["active"] == true)
     });
@@ -225,7 +348,11 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
 fn up_starts_a_cluster_and_stops_cleanly_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     // Pick a free port for the index by binding and releasing it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let ix = format!("127.0.0.1:{port}");
     let mut child = peerbus()
         .args(["--index", &ix, "up", "--peers", "3", "--data"])
@@ -250,13 +377,25 @@ fn up_starts_a_cluster_and_stops_cleanly_on_ctrl_c() {
         assert!(banner.contains(p), "{banner}");
     }
     assert!(banner.contains("peerbus topic create"), "{banner}");
-    assert_eq!(peers_json(&ix).iter().filter(|p| p["active"] == true).count(), 3);
+    assert_eq!(
+        peers_json(&ix)
+            .iter()
+            .filter(|p| p["active"] == true)
+            .count(),
+        3
+    );
     ok(&ix, &["topic", "create", "hello"]);
     ok(&ix, &["publish", "hello", "there"]);
     assert_eq!(ok(&ix, &["pull", "hello", "--as", "me"]), "there\n");
 
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = child.wait().unwrap();
     assert!(status.success(), "up exits 0 on Ctrl-C: {status:?}");
     let rest: String = lines.map_while(Result::ok).collect::<Vec<_>>().join("\n");
@@ -268,7 +407,11 @@ fn up_starts_a_cluster_and_stops_cleanly_on_ctrl_c() {
 fn bad_usage_exits_2_and_unreachable_index_exits_1() {
     let out = peerbus().args(["topic", "frobnicate"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let e = fails(&format!("127.0.0.1:{port}"), &["peers"]);
     assert!(e.contains("cannot reach"), "{e}");
 }

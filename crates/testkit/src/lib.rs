@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use peerbus_client::Client;
 use peerbus_index::{Index, IndexConfig};
 use peerbus_peer::{Durability, Peer, PeerConfig};
@@ -114,7 +114,10 @@ impl Cluster {
         let stop = CancellationToken::new();
         let node = Peer::start(config, stop.clone()).await?;
         if !node.registered(READY).await {
-            bail!("peer{} did not register with the index within {READY:?}", i + 1);
+            bail!(
+                "peer{} did not register with the index within {READY:?}",
+                i + 1
+            );
         }
         Ok(Running { node, stop })
     }

@@ -19,7 +19,11 @@ async fn pull_all(c: &Client, topic: &str, sub: &str) -> Vec<String> {
         if set.is_empty() {
             return got;
         }
-        got.extend(set.batch.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()));
+        got.extend(
+            set.batch
+                .iter()
+                .map(|b| String::from_utf8(b.to_vec()).unwrap()),
+        );
     }
 }
 
@@ -29,20 +33,38 @@ async fn every_topic_api_through_the_library() {
     let c = cluster.client();
 
     // Create on a named peer and by placement.
-    let a = c.create_topic("news", Some("peer2"), Retention::default()).await.unwrap();
+    let a = c
+        .create_topic("news", Some("peer2"), Retention::default())
+        .await
+        .unwrap();
     assert_eq!(a.peer_name, "peer2");
     assert_eq!(a.addr, cluster.peer_addr(1));
-    let b = c.create_topic("sports.football", None, Retention::default()).await.unwrap();
+    let b = c
+        .create_topic("sports.football", None, Retention::default())
+        .await
+        .unwrap();
     assert_ne!(b.peer_name, "peer2", "placement picks a less-loaded peer");
-    let dup = c.create_topic("news", None, Retention::default()).await.unwrap_err();
+    let dup = c
+        .create_topic("news", None, Retention::default())
+        .await
+        .unwrap_err();
     assert_eq!(code(&dup), Some(ErrorCode::Exists));
     assert_eq!(dup.to_string(), "topic 'news' exists on peer peer2");
-    let bad = c.create_topic("bad name", None, Retention::default()).await.unwrap_err();
+    let bad = c
+        .create_topic("bad name", None, Retention::default())
+        .await
+        .unwrap_err();
     assert!(bad.to_string().contains("whitespace"), "{bad}");
 
     // Lookup and list.
     assert_eq!(c.lookup("news").await.unwrap().peer_name, "peer2");
-    let names: Vec<String> = c.list_topics(None).await.unwrap().into_iter().map(|t| t.topic).collect();
+    let names: Vec<String> = c
+        .list_topics(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.topic)
+        .collect();
     assert_eq!(names, vec!["news", "sports.football"]);
     let sports = c.list_topics(Some("sports.")).await.unwrap();
     assert_eq!(sports.len(), 1);
@@ -53,15 +75,34 @@ async fn every_topic_api_through_the_library() {
     }
     assert_eq!(c.subscribe("news", "alice", None).await.unwrap(), 0);
     assert_eq!(pull_all(&c, "news", "alice").await, ["one", "two", "three"]);
-    assert!(pull_all(&c, "news", "alice").await.is_empty(), "pull advances");
+    assert!(
+        pull_all(&c, "news", "alice").await.is_empty(),
+        "pull advances"
+    );
     // Pull without subscribing subscribes implicitly from the oldest message.
     assert_eq!(pull_all(&c, "news", "bob").await.len(), 3);
     // --from latest and an explicit offset.
-    assert_eq!(c.subscribe("news", "carol", Some(StartFrom::Latest)).await.unwrap(), 3);
-    assert_eq!(c.subscribe("news", "dave", Some(StartFrom::Offset(1))).await.unwrap(), 1);
+    assert_eq!(
+        c.subscribe("news", "carol", Some(StartFrom::Latest))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        c.subscribe("news", "dave", Some(StartFrom::Offset(1)))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(pull_all(&c, "news", "dave").await, ["two", "three"]);
 
-    let subs: Vec<String> = c.subscribers("news").await.unwrap().into_iter().map(|s| s.name).collect();
+    let subs: Vec<String> = c
+        .subscribers("news")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     assert_eq!(subs, ["alice", "bob", "carol", "dave"]);
     c.unsubscribe("news", "bob").await.unwrap();
     let e = c.unsubscribe("news", "bob").await.unwrap_err();
@@ -71,7 +112,11 @@ async fn every_topic_api_through_the_library() {
     // Peers list with counts.
     let peers = c.peers().await.unwrap();
     assert_eq!(peers.len(), 3);
-    assert!(peers.iter().all(|p| p.active && p.registrations == 1 && p.ttl_left_ms > 0));
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.active && p.registrations == 1 && p.ttl_left_ms > 0)
+    );
     assert_eq!(peers.iter().map(|p| p.topics).sum::<u32>(), 2);
 
     // Delete: gone from the index and from its host.
@@ -81,7 +126,9 @@ async fn every_topic_api_through_the_library() {
     let e = c.publish("news", "x").await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::NotFound), "{e}");
     // The name is free again, and starts from offset 0.
-    c.create_topic("news", Some("peer1"), Retention::default()).await.unwrap();
+    c.create_topic("news", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
     assert_eq!(c.publish("news", "fresh").await.unwrap(), 0);
 }
 
@@ -89,20 +136,34 @@ async fn every_topic_api_through_the_library() {
 async fn a_peer_forwards_requests_for_topics_it_does_not_host() {
     let cluster = Cluster::start(2).await.unwrap();
     let c = cluster.client();
-    c.create_topic("t", Some("peer1"), Retention::default()).await.unwrap();
+    c.create_topic("t", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
     // A thin client that only knows peer2.
-    let conn = Connection::connect(&cluster.peer_addr(1), None).await.unwrap();
+    let conn = Connection::connect(&cluster.peer_addr(1), None)
+        .await
+        .unwrap();
     let publish = Request::Publish {
         topic: "t".into(),
         batch: Batch::from_payloads(["via peer2"]),
     };
     let r = conn.request(publish.clone(), true).await.unwrap();
-    assert_eq!(r, Response::Published { first_offset: 0, count: 1 });
+    assert_eq!(
+        r,
+        Response::Published {
+            first_offset: 0,
+            count: 1
+        }
+    );
     // Without forwarding the peer says it is not the host, so a library client re-resolves.
     let e = conn.request(publish, false).await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::NotHost));
     // Index questions asked of a peer are answered too.
-    match conn.request(Request::LookupTopic { topic: "t".into() }, true).await.unwrap() {
+    match conn
+        .request(Request::LookupTopic { topic: "t".into() }, true)
+        .await
+        .unwrap()
+    {
         Response::Location(l) => assert_eq!(l.peer_name, "peer1"),
         other => panic!("{other:?}"),
     }
@@ -120,7 +181,9 @@ async fn a_peer_forwards_requests_for_topics_it_does_not_host() {
         .await
         .unwrap();
     match rx.recv().await.unwrap() {
-        peerbus_client::SubEvent::Messages(m) => assert_eq!(m.batch.iter().next().unwrap(), "via peer2"),
+        peerbus_client::SubEvent::Messages(m) => {
+            assert_eq!(m.batch.iter().next().unwrap(), "via peer2")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -132,7 +195,9 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
     const EACH: usize = 400;
     let cluster = Cluster::start(3).await.unwrap();
     let c = cluster.client();
-    c.create_topic("load", None, Retention::default()).await.unwrap();
+    c.create_topic("load", None, Retention::default())
+        .await
+        .unwrap();
 
     let mut subs = Vec::new();
     for s in 0..SUBS {
@@ -171,7 +236,10 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
     let mut all_offsets = Vec::new();
     for p in pubs {
         let offs = p.await.unwrap();
-        assert!(offs.windows(2).all(|w| w[0] < w[1]), "a publisher's messages keep their order");
+        assert!(
+            offs.windows(2).all(|w| w[0] < w[1]),
+            "a publisher's messages keep their order"
+        );
         all_offsets.extend(offs);
     }
     all_offsets.sort();
@@ -179,7 +247,11 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
     for s in subs {
         let got = s.await.unwrap();
         let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
-        assert_eq!(offsets, (0..(PUBS * EACH) as u64).collect::<Vec<_>>(), "every offset once, in order");
+        assert_eq!(
+            offsets,
+            (0..(PUBS * EACH) as u64).collect::<Vec<_>>(),
+            "every offset once, in order"
+        );
         let mut next: HashMap<String, usize> = HashMap::new();
         for (_, m) in &got {
             let (p, i) = m.split_once('-').unwrap();
@@ -196,8 +268,12 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
 async fn peer_restart_serves_every_acknowledged_message_once() {
     let mut cluster = Cluster::start(1).await.unwrap();
     let c = cluster.client();
-    c.create_topic("log", None, Retention::default()).await.unwrap();
-    let acks: Vec<_> = (0..1000).map(|i| c.publish_nowait("log", format!("m{i}"))).collect();
+    c.create_topic("log", None, Retention::default())
+        .await
+        .unwrap();
+    let acks: Vec<_> = (0..1000)
+        .map(|i| c.publish_nowait("log", format!("m{i}")))
+        .collect();
     for a in acks {
         a.await.unwrap();
     }
@@ -228,8 +304,12 @@ async fn index_restart_peers_rejoin_with_their_cookie_and_topics() {
     .await
     .unwrap();
     let c = cluster.client();
-    c.create_topic("a", Some("peer1"), Retention::default()).await.unwrap();
-    c.create_topic("b", Some("peer2"), Retention::default()).await.unwrap();
+    c.create_topic("a", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    c.create_topic("b", Some("peer2"), Retention::default())
+        .await
+        .unwrap();
     c.publish("a", "before").await.unwrap();
     let ids: Vec<u64> = c.peers().await.unwrap().iter().map(|p| p.id).collect();
 
@@ -241,10 +321,17 @@ async fn index_restart_peers_rejoin_with_their_cookie_and_topics() {
         if let Ok(peers) = c.peers().await
             && peers.iter().all(|p| p.active && p.registrations >= 2)
         {
-            assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), ids, "same ids");
+            assert_eq!(
+                peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+                ids,
+                "same ids"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "peers did not re-register after the index restart");
+        assert!(
+            Instant::now() < deadline,
+            "peers did not re-register after the index restart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(c.lookup("a").await.unwrap().peer_name, "peer1");
@@ -256,7 +343,9 @@ async fn index_restart_peers_rejoin_with_their_cookie_and_topics() {
 async fn a_stopped_peer_leaves_and_its_topics_are_not_found() {
     let mut cluster = Cluster::start(2).await.unwrap();
     let c = cluster.client();
-    c.create_topic("gone", Some("peer2"), Retention::default()).await.unwrap();
+    c.create_topic("gone", Some("peer2"), Retention::default())
+        .await
+        .unwrap();
     cluster.stop_peer(1).await;
     let e = c.lookup("gone").await.unwrap_err();
     assert_eq!(e.to_string(), "topic 'gone' not found");
@@ -281,8 +370,15 @@ async fn consumed_retention_deletes_what_every_subscriber_pulled() {
         c.publish("jobs", format!("{i}")).await.unwrap();
     }
     assert_eq!(pull_all(&c, "jobs", "a").await.len(), 10);
-    assert_eq!(c.topic_stats("jobs").await.unwrap().first_offset, 0, "b has not pulled");
+    assert_eq!(
+        c.topic_stats("jobs").await.unwrap().first_offset,
+        0,
+        "b has not pulled"
+    );
     assert_eq!(pull_all(&c, "jobs", "b").await.len(), 10);
     let stats = c.topic_stats("jobs").await.unwrap();
-    assert_eq!((stats.first_offset, stats.next_offset, stats.bytes), (10, 10, 0));
+    assert_eq!(
+        (stats.first_offset, stats.next_offset, stats.bytes),
+        (10, 10, 0)
+    );
 }
