@@ -33,7 +33,9 @@ pub struct Client {
 struct Inner {
     index: String,
     token: Option<String>,
-    conns: tokio::sync::Mutex<HashMap<String, Connection>>,
+    /// One slot per address, so connecting to a slow or dead node never delays requests to
+    /// the others.
+    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     locations: Mutex<HashMap<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
 }
@@ -58,7 +60,7 @@ impl Client {
             inner: Arc::new(Inner {
                 index: index.into(),
                 token,
-                conns: tokio::sync::Mutex::new(HashMap::new()),
+                conns: Mutex::new(HashMap::new()),
                 locations: Mutex::new(HashMap::new()),
                 batchers: Mutex::new(HashMap::new()),
             }),
@@ -72,14 +74,24 @@ impl Client {
 
     /// A live connection to `addr`, reusing an open one.
     pub async fn connection(&self, addr: &str) -> Result<Connection> {
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(addr)
+        let slot = self
+            .inner
+            .conns
+            .lock()
+            .expect("connections lock")
+            .entry(addr.to_string())
+            .or_default()
+            .clone();
+        // Held across the connect on purpose: callers for the same address wait for one
+        // connection instead of each opening their own.
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
             && !c.is_closed()
         {
             return Ok(c.clone());
         }
         let c = Connection::connect(addr, self.inner.token.as_deref()).await?;
-        conns.insert(addr.to_string(), c.clone());
+        *slot = Some(c.clone());
         Ok(c)
     }
 

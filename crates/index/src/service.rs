@@ -10,7 +10,7 @@ use peerbus_proto::{ErrorCode, RegisterPeer, Request, Response, WireError};
 use peerbus_store::Writer;
 use tokio_util::task::TaskTracker;
 
-use crate::registry::{Change, Expired, Registry, TopicDiff};
+use crate::registry::{Change, Expired, Registry, TopicDiff, TopicSet};
 use crate::storage;
 
 /// Topic names logged in full per announce or withdraw; beyond this a count is enough and
@@ -102,10 +102,10 @@ impl IndexService {
         self.forwards.wait().await;
     }
 
-    /// Lease length as told to peers, rounded up so a peer renewing every third of it is
-    /// never late, even with a sub-second TTL.
+    /// Lease length as told to peers, in whole seconds. Rounded down, so a peer pacing its
+    /// keepalives on it is early rather than late; never 0, which would read as no lease.
     fn ttl_secs(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis().div_ceil(1000)).unwrap_or(u64::MAX)
+        self.ttl.as_secs().max(1)
     }
 
     async fn register(&self, req: &RegisterPeer) -> Result<Response, WireError> {
@@ -219,8 +219,8 @@ impl IndexService {
                 auth,
                 topics,
                 replace,
-            } => self
-                .change(|reg, _| reg.announce(&auth, &topics, replace))
+            } => TopicSet::new(topics)
+                .and_then(|set| self.change(|reg, _| reg.announce(&auth, &set, replace)))
                 .map(|diff| {
                     Self::log_diff(&diff, auth.peer_id);
                     Response::Ok

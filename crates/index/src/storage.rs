@@ -80,6 +80,7 @@ pub(crate) fn load(backend: &dyn Backend, ttl_ms: u64) -> Result<(Registry, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::TopicSet;
     use peerbus_proto::{PeerAuth, RegisterPeer};
     use peerbus_store::MemoryBackend;
 
@@ -105,7 +106,11 @@ mod tests {
             cookie: r.cookie,
         };
         let (_, changes) = reg
-            .announce(&auth, &["a".to_string(), "b".to_string()], false)
+            .announce(
+                &auth,
+                &TopicSet::new(vec!["a".to_string(), "b".to_string()]).unwrap(),
+                false,
+            )
             .unwrap();
         backend.apply(&ops(changes)).unwrap();
 
