@@ -1035,12 +1035,12 @@ mod tests {
 #[cfg(test)]
 mod scale {
     use super::*;
-    use std::time::{Duration, Instant};
 
-    /// Generous bounds (debug build, busy machine): they catch an accidental linear scan
-    /// per lookup or a quadratic announce, not small slowdowns.
+    /// Many topics: prefix listing returns exactly the matching range and re-announcing the
+    /// same set is recognised as no change (nothing to persist). Speed is measured by
+    /// `peerbus bench`, not here.
     #[test]
-    fn a_million_topics_stay_cheap_to_list_and_re_announce() {
+    fn many_topics_list_by_prefix_and_re_announce_without_changes() {
         let mut reg = Registry::new(30_000);
         let (r, _) = reg
             .register(
@@ -1058,21 +1058,15 @@ mod scale {
             peer_id: r.peer_id,
             cookie: r.cookie,
         };
-        let names: Vec<String> = (0..1_000_000).map(|i| format!("t{i:07}")).collect();
+        let names: Vec<String> = (0..100_000).map(|i| format!("t{i:06}")).collect();
         let set = TopicSet::new(names).unwrap();
         reg.announce(&auth, &set, true).unwrap();
-        assert_eq!(reg.counts(), (1, 1_000_000));
-
-        let t = Instant::now();
-        for _ in 0..100 {
-            assert_eq!(reg.list_topics(Some("t012345")).len(), 10);
-            assert!(reg.lookup("t0999999").is_ok());
-        }
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-
-        let t = Instant::now();
+        assert_eq!(reg.counts(), (1, 100_000));
+        let listed = reg.list_topics(Some("t01234"));
+        assert_eq!(listed.len(), 10);
+        assert_eq!(listed[0].topic, "t012340");
+        assert!(reg.lookup("t099999").is_ok());
         let (diff, changes) = reg.announce(&auth, &set, true).unwrap();
         assert!(diff.added.is_empty() && diff.removed.is_empty() && changes.is_empty());
-        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 }
