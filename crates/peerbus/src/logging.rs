@@ -10,7 +10,9 @@ use tracing_subscriber::{EnvFilter, Layer, fmt};
 /// Installs logging. `default` is the level when `RUST_LOG` is unset; `trace_messages`
 /// turns on the one-line-per-request log; `file` adds a log file beside the node's data.
 pub fn init(default: &str, trace_messages: bool, file: Option<&Path>) -> anyhow::Result<()> {
-    let mut directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
+    // The storage engine's own info lines (flushes, compactions) drown peerbus's.
+    let mut directives =
+        std::env::var("RUST_LOG").unwrap_or_else(|_| format!("{default},fjall=warn,lsm_tree=warn"));
     if trace_messages {
         directives.push_str(",peerbus::trace=info");
     }
