@@ -43,6 +43,7 @@ mod client;
 mod conn;
 mod error;
 mod subscription;
+pub mod tree;
 
 pub use client::{Client, PublishAck};
 pub use conn::{Connection, SubEvent};

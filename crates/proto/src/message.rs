@@ -170,6 +170,54 @@ pub enum Request {
         /// The topic.
         topic: String,
     },
+    /// A peer offers files (index). With `replace`, the list replaces everything the peer
+    /// offered before (used after a reconnect and by rescans).
+    RegisterFiles {
+        /// Who offers.
+        auth: PeerAuth,
+        /// The files.
+        files: Vec<FileEntry>,
+        /// Replace the peer's whole file list instead of adding to it.
+        replace: bool,
+    },
+    /// A peer stops offering files (index).
+    UnregisterFiles {
+        /// Who withdraws.
+        auth: PeerAuth,
+        /// BLAKE3 hashes (hex) of the files.
+        hashes: Vec<String>,
+    },
+    /// Files whose name contains `pattern`, case-insensitively. The index answers from its
+    /// directory; a peer answers from its own share.
+    SearchFiles {
+        /// Substring to look for.
+        pattern: String,
+    },
+    /// One file by exact name or BLAKE3 hash (hex), with its live holders.
+    LookupFile {
+        /// Name or hash.
+        key: String,
+    },
+    /// A file's hash tree, from a peer holding it.
+    FileManifest {
+        /// BLAKE3 hash (hex).
+        hash: String,
+    },
+    /// One piece of a file, from a peer holding it.
+    ReadPiece {
+        /// BLAKE3 hash (hex).
+        hash: String,
+        /// Piece number from 0.
+        index: u32,
+    },
+    /// Asks a peer to download a file into its share directory (and to `output`, if set),
+    /// then offer it.
+    Fetch {
+        /// Name or hash.
+        key: String,
+        /// Also write the file here (a path on the peer's machine).
+        output: Option<String>,
+    },
 }
 
 impl Request {
@@ -208,6 +256,13 @@ impl Request {
             Request::Subscribers { .. } => "subscribers",
             Request::StopFollow { .. } => "stop_follow",
             Request::TopicStats { .. } => "topic_stats",
+            Request::RegisterFiles { .. } => "register_files",
+            Request::UnregisterFiles { .. } => "unregister_files",
+            Request::SearchFiles { .. } => "search_files",
+            Request::LookupFile { .. } => "lookup_file",
+            Request::FileManifest { .. } => "file_manifest",
+            Request::ReadPiece { .. } => "read_piece",
+            Request::Fetch { .. } => "fetch",
         }
     }
 }
@@ -448,6 +503,77 @@ pub enum Response {
     Subscribers(Vec<SubscriberInfo>),
     /// Answer to [`Request::TopicStats`].
     TopicStats(TopicStats),
+    /// Answer to [`Request::SearchFiles`] and [`Request::LookupFile`].
+    Files(Vec<FileHit>),
+    /// Answer to [`Request::FileManifest`].
+    Manifest(Manifest),
+    /// Answer to [`Request::ReadPiece`]: the piece's bytes.
+    Piece(Bytes),
+    /// Answer to [`Request::Fetch`].
+    Fetched(FetchReport),
+}
+
+/// A file a peer offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the share directory, `/`-separated.
+    pub name: String,
+    /// BLAKE3 hash of the content, hex.
+    pub hash: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A peer holding a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHolder {
+    /// The peer's id.
+    pub peer_id: u64,
+    /// The peer's name.
+    pub name: String,
+    /// The peer's binary protocol address.
+    pub addr: String,
+}
+
+/// A file and the live peers holding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHit {
+    /// Name (as the first holder calls it).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 hash, hex.
+    pub hash: String,
+    /// Who holds it.
+    pub peers: Vec<FileHolder>,
+}
+
+/// A file's BLAKE3 hash tree cut at pieces: enough to verify each piece on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// BLAKE3 hash of the whole file, hex.
+    pub hash: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes per piece (a power of two, at least 1024); the last piece may be shorter.
+    pub piece_len: u32,
+    /// The BLAKE3 chaining value of every piece, in order.
+    pub pieces: Vec<[u8; 32]>,
+}
+
+/// What a peer's download produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchReport {
+    /// The file's name.
+    pub name: String,
+    /// BLAKE3 hash, hex.
+    pub hash: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Names of the peers that supplied pieces.
+    pub sources: Vec<String>,
+    /// Where the peer wrote it.
+    pub path: String,
 }
 
 /// A peer as the index knows it.
