@@ -42,14 +42,16 @@ pub mod blocking;
 mod client;
 mod conn;
 mod error;
+mod files;
 mod subscription;
 pub mod tree;
 
 pub use client::{Client, PublishAck};
 pub use conn::{Connection, SubEvent};
 pub use error::{ClientError, Result};
+pub use files::{DownloadProgress, DownloadReport};
 pub use peerbus_proto::{
-    ErrorCode, Message, MessageSet, PeerInfo, Retention, StartFrom, SubscriberInfo, TopicLocation,
+    ErrorCode, FileHit, Message, MessageSet, PeerInfo, Retention, StartFrom, SubscriberInfo, TopicLocation,
     TopicStats, WireError,
 };
 pub use subscription::Subscription;
