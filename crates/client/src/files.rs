@@ -137,7 +137,9 @@ impl Client {
         match from_index {
             Ok(mut hits) if !hits.is_empty() && !hits[0].peers.is_empty() => Ok(hits.remove(0)),
             Ok(_) => self.lookup_file_distributed(key).await,
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => self.lookup_file_distributed(key).await,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                self.lookup_file_distributed(key).await
+            }
             Err(e) => Err(e),
         }
     }
@@ -179,10 +181,13 @@ impl Client {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(io_err(format!("cannot create {}", dir.display())))?;
         let tmp = dir.join(format!(
             ".{}.{}.part",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             &hit.hash[..16]
         ));
         let result = self
@@ -197,17 +202,22 @@ impl Client {
         };
         let (tmp2, dest2, hash) = (tmp.clone(), dest.to_path_buf(), hit.hash.clone());
         let finish = tokio::task::spawn_blocking(move || -> Result<()> {
-            let f = std::fs::File::open(&tmp2).map_err(io_err(format!("cannot reopen {}", tmp2.display())))?;
+            let f = std::fs::File::open(&tmp2)
+                .map_err(io_err(format!("cannot reopen {}", tmp2.display())))?;
             let mut h = blake3::Hasher::new();
-            h.update_reader(&f).map_err(io_err(format!("cannot read {}", tmp2.display())))?;
+            h.update_reader(&f)
+                .map_err(io_err(format!("cannot read {}", tmp2.display())))?;
             if !h.finalize().to_hex().eq_ignore_ascii_case(&hash) {
                 return Err(ClientError::Invalid(format!(
                     "downloaded file does not hash to {hash}; it was not kept"
                 )));
             }
-            f.sync_all().map_err(io_err(format!("cannot fsync {}", tmp2.display())))?;
-            std::fs::rename(&tmp2, &dest2)
-                .map_err(io_err(format!("cannot move the download to {}", dest2.display())))?;
+            f.sync_all()
+                .map_err(io_err(format!("cannot fsync {}", tmp2.display())))?;
+            std::fs::rename(&tmp2, &dest2).map_err(io_err(format!(
+                "cannot move the download to {}",
+                dest2.display()
+            )))?;
             Ok(())
         })
         .await
@@ -228,8 +238,11 @@ impl Client {
     /// The first verified manifest any holder gives, and the holders to use.
     async fn manifest_from(&self, hit: &FileHit) -> Result<(Manifest, Vec<(String, String)>)> {
         let mut last = None;
-        let holders: Vec<(String, String)> =
-            hit.peers.iter().map(|p| (p.name.clone(), p.addr.clone())).collect();
+        let holders: Vec<(String, String)> = hit
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.addr.clone()))
+            .collect();
         for (name, addr) in &holders {
             let req = Request::FileManifest {
                 hash: hit.hash.clone(),
@@ -261,8 +274,10 @@ impl Client {
         tmp: &Path,
         progress: Option<Arc<dyn DownloadProgress>>,
     ) -> Result<Vec<String>> {
-        let file = std::fs::File::create(tmp).map_err(io_err(format!("cannot create {}", tmp.display())))?;
-        file.set_len(m.size).map_err(io_err(format!("cannot size {}", tmp.display())))?;
+        let file = std::fs::File::create(tmp)
+            .map_err(io_err(format!("cannot create {}", tmp.display())))?;
+        file.set_len(m.size)
+            .map_err(io_err(format!("cannot size {}", tmp.display())))?;
         let file = Arc::new(file);
         let n = tree::piece_count(m.size, m.piece_len);
         let queue = Arc::new(Work {
@@ -309,7 +324,9 @@ impl Client {
                             index: i as u32,
                         };
                         let why = match conn.request(req, false).await {
-                            Ok(Response::Piece(data)) if tree::verify_piece(&manifest, i, &data) => {
+                            Ok(Response::Piece(data))
+                                if tree::verify_piece(&manifest, i, &data) =>
+                            {
                                 let (f, len) = (file.clone(), data.len() as u64);
                                 let off = i * u64::from(manifest.piece_len);
                                 let w = tokio::task::spawn_blocking(move || {
@@ -328,12 +345,18 @@ impl Client {
                                     }
                                     Ok(Err(e)) => {
                                         queue.give_back(i);
-                                        return (name, got, Some(format!("local write failed: {e}")));
+                                        return (
+                                            name,
+                                            got,
+                                            Some(format!("local write failed: {e}")),
+                                        );
                                     }
                                     Err(e) => format!("write task failed: {e}"),
                                 }
                             }
-                            Ok(Response::Piece(_)) => format!("sent piece {i} that fails its BLAKE3 check"),
+                            Ok(Response::Piece(_)) => {
+                                format!("sent piece {i} that fails its BLAKE3 check")
+                            }
                             Ok(other) => format!("answered {other:?} for piece {i}"),
                             Err(e) => e.to_string(),
                         };
@@ -356,17 +379,20 @@ impl Client {
                 if why.starts_with("local write failed") {
                     local_failure = Some(why.clone());
                 }
-                if !lost.contains_key(&name) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = lost.entry(name) {
                     if let Some(p) = &progress {
-                        p.source_lost(&name, &why);
+                        p.source_lost(slot.key(), &why);
                     }
-                    tracing::warn!("dropping source {name} for '{}': {why}", hit.name);
-                    lost.insert(name, why);
+                    tracing::warn!("dropping source {} for '{}': {why}", slot.key(), hit.name);
+                    slot.insert(why);
                 }
             }
         }
         if let Some(why) = local_failure {
-            return Err(ClientError::Invalid(format!("cannot write '{}': {why}", hit.name)));
+            return Err(ClientError::Invalid(format!(
+                "cannot write '{}': {why}",
+                hit.name
+            )));
         }
         let left = queue.pending.lock().expect("queue lock").len();
         if left > 0 {

@@ -1,10 +1,12 @@
 //! The peerbus index server.
 //!
-//! The index knows which peers are alive and which peer hosts which topic. Peers register
-//! and hold a lease they renew with keepalives; a peer whose lease runs out is marked
-//! inactive and its topics leave the directory. Clients look topics up here and then talk
-//! to the hosting peer directly. `CreateTopic` sent to the index is placed on the
-//! least-loaded live peer; other topic requests sent here are forwarded to the host.
+//! The index knows which peers are alive, which peer hosts which topic and which peers
+//! hold which file. Peers register and hold a lease they renew with keepalives; a peer
+//! whose lease runs out is marked inactive and its topics and files leave the directory.
+//! Clients look topics and files up here and then talk to the peers directly.
+//! `CreateTopic` sent to the index is placed on the least-loaded live peer; other topic
+//! requests sent here are forwarded to the host. With [`IndexConfig::replication`] set,
+//! the index asks peers to fetch copies of files held by too few live peers.
 //!
 //! The registry survives restarts: peers keep their ids, cookies and lease deadlines, so an
 //! index restarted quickly does not make every peer re-register.
@@ -12,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod registry;
+mod replication;
 mod service;
 mod storage;
 
@@ -47,6 +50,10 @@ pub struct IndexConfig {
     pub token: Option<String>,
     /// Log every request received, one line each.
     pub trace_messages: bool,
+    /// Keep every file on this many live peers (`--replication R`): files held by fewer
+    /// are fetched by other live peers at the index's request. `None` (or less than 2)
+    /// leaves copies to the peers.
+    pub replication: Option<u32>,
 }
 
 impl std::fmt::Debug for IndexConfig {
@@ -58,12 +65,14 @@ impl std::fmt::Debug for IndexConfig {
             .field("ttl", &self.ttl)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("trace_messages", &self.trace_messages)
+            .field("replication", &self.replication)
             .finish()
     }
 }
 
 impl IndexConfig {
-    /// Listens on `listen`, keeps the registry in memory, 30 s leases, no token, no tracing.
+    /// Listens on `listen`, keeps the registry in memory, 30 s leases, no token, no
+    /// tracing, no replication.
     pub fn new(listen: impl Into<String>) -> Self {
         IndexConfig {
             listen: listen.into(),
@@ -71,6 +80,7 @@ impl IndexConfig {
             ttl: DEFAULT_TTL,
             token: None,
             trace_messages: false,
+            replication: None,
         }
     }
 }
@@ -109,6 +119,7 @@ pub struct Index {
     addr: SocketAddr,
     server: JoinHandle<()>,
     timer: JoinHandle<()>,
+    replicator: Option<JoinHandle<()>>,
     service: Arc<IndexService>,
     writer: Writer,
 }
@@ -128,8 +139,8 @@ fn expiry_period(ttl: Duration) -> Duration {
 }
 
 impl Index {
-    /// Binds, loads the registry from storage, spawns the server and the expiry timer;
-    /// returns once listening. Everything stops when `shutdown` is cancelled; then call
+    /// Binds, loads the registry from storage, spawns the server, the expiry timer and,
+    /// with replication, the replication loop; returns once listening. Everything stops when `shutdown` is cancelled; then call
     /// [`Index::wait`].
     pub async fn start(
         config: IndexConfig,
@@ -166,10 +177,10 @@ impl Index {
                 dir: dir.clone(),
                 source,
             })?;
-        let (peers, topics) = registry.counts();
+        let (peers, topics, files) = registry.counts();
         if config.data.is_some() {
             tracing::info!(
-                "loaded {peers} peers and {topics} topics from {}",
+                "loaded {peers} peers, {topics} topics and {files} files from {}",
                 dir.display()
             );
         }
@@ -210,16 +221,31 @@ impl Index {
         let timer = tokio::spawn(expiry_timer(
             service.clone(),
             expiry_period(config.ttl),
-            shutdown,
+            shutdown.clone(),
         ));
+        // One copy is what the holder has anyway: nothing to do below two.
+        let replication = config.replication.filter(|&r| r >= 2);
+        let replicator = replication.map(|r| {
+            tokio::spawn(replication::run(
+                service.clone(),
+                r,
+                replication::replication_period(config.ttl),
+                shutdown,
+            ))
+        });
         tracing::info!(
-            "index listening on {addr} (lease ttl {} s)",
-            config.ttl.as_secs_f64()
+            "index listening on {addr} (lease ttl {} s{})",
+            config.ttl.as_secs_f64(),
+            match replication {
+                Some(r) => format!(", files kept on {r} peers"),
+                None => String::new(),
+            }
         );
         Ok(Index {
             addr,
             server,
             timer,
+            replicator,
             service,
             writer,
         })
@@ -238,6 +264,12 @@ impl Index {
         }
         if let Err(e) = self.timer.await {
             tracing::error!("the lease expiry task failed: {e}");
+        }
+        // Before waiting for the peer tasks: the loop is what spawns fetches.
+        if let Some(replicator) = self.replicator
+            && let Err(e) = replicator.await
+        {
+            tracing::error!("the replication task failed: {e}");
         }
         self.service.wait_forwards().await;
         let writer = self.writer;
@@ -288,5 +320,6 @@ mod tests {
         assert!(!shown.contains("s3cret"), "{shown}");
         assert_eq!(c.ttl, Duration::from_secs(30));
         assert!(c.data.is_none() && !c.trace_messages);
+        assert_eq!(c.replication, None);
     }
 }

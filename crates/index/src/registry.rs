@@ -1,4 +1,4 @@
-//! The index's state: peers with their leases, and the topic directory.
+//! The index's state: peers with their leases, the topic directory and the file directory.
 //!
 //! Nothing here reads a clock, touches the network or the disk. Every operation takes the
 //! current time as `now_ms` (milliseconds since the Unix epoch) and returns the [`Change`]s
@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use peerbus_proto::{
-    ErrorCode, PeerAuth, PeerInfo, RegisterPeer, TopicLocation, WireError, validate_peer_name,
-    validate_topic,
+    ErrorCode, FileEntry, FileHit, FileHolder, PeerAuth, PeerInfo, RegisterPeer, TopicLocation,
+    WireError, validate_peer_name, validate_topic,
 };
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,10 @@ pub(crate) enum Change {
     TopicRemoved(String),
     /// The next fresh peer id.
     NextId(u64),
+    /// Peer `id` offers this file (replacing what it said before about the same hash).
+    File(u64, FileEntry),
+    /// Peer `id` no longer offers the file with this hash.
+    FileRemoved(u64, String),
 }
 
 /// What a successful registration handed out.
@@ -71,6 +75,8 @@ pub(crate) struct Expired {
     pub name: String,
     /// Topics it lost.
     pub topics: usize,
+    /// Files it no longer offers.
+    pub files: usize,
 }
 
 /// A peer that left.
@@ -79,6 +85,30 @@ pub(crate) struct Left {
     pub name: String,
     /// Topics withdrawn with it.
     pub topics: usize,
+    /// Files withdrawn with it.
+    pub files: usize,
+}
+
+/// How a `RegisterFiles` or `UnregisterFiles` changed a peer's file list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct FileDiff {
+    pub name: String,
+    /// Hashes new to the peer.
+    pub added: usize,
+    /// Hashes the peer already offered under another name or size.
+    pub updated: usize,
+    /// Hashes the peer no longer offers.
+    pub removed: usize,
+    /// Files the peer offers now.
+    pub total: usize,
+}
+
+/// A file held by fewer live peers than the replication factor asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shortfall {
+    pub hash: String,
+    /// Its live holders, by id.
+    pub holders: Vec<u64>,
 }
 
 /// How an announce changed a peer's topic set.
@@ -106,6 +136,83 @@ impl TopicSet {
     }
 }
 
+/// True for a BLAKE3 hash as the wire carries it: 64 hex digits.
+pub(crate) fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// At most this much of a client-supplied string is quoted back in an error, so a garbage
+/// megabyte-long "hash" does not come back as a megabyte-long message.
+const QUOTED_CHARS: usize = 80;
+
+fn quoted(s: &str) -> String {
+    let mut q: String = s.chars().take(QUOTED_CHARS).collect();
+    if q.len() < s.len() {
+        q.push('…');
+    }
+    q
+}
+
+/// Valid file entries with lowercase hashes, sorted by hash, one per hash (the first one
+/// listed wins). Built before taking the registry lock, like [`TopicSet`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileSet(Vec<FileEntry>);
+
+impl FileSet {
+    /// Checks every entry; the first invalid one fails the whole set.
+    pub fn new(mut files: Vec<FileEntry>) -> Result<Self, WireError> {
+        for f in &mut files {
+            if !is_hash(&f.hash) {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "file '{}': hash '{}' is not a BLAKE3 hash (64 hex digits)",
+                        quoted(&f.name),
+                        quoted(&f.hash)
+                    ),
+                ));
+            }
+            if f.name.is_empty() {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    format!("file with hash {} has an empty name", f.hash),
+                ));
+            }
+            // Hashes are compared as strings: one spelling, so `AB…` and `ab…` are one file.
+            f.hash.make_ascii_lowercase();
+        }
+        // A stable sort keeps the first of equal hashes first, which dedup then keeps.
+        files.sort_by(|a, b| a.hash.cmp(&b.hash));
+        files.dedup_by(|later, earlier| later.hash == earlier.hash);
+        Ok(FileSet(files))
+    }
+}
+
+/// Forgets that `id` holds `hash`, dropping the hash once nobody holds it, so the map
+/// only ever lists files someone offers.
+fn drop_holding(files: &mut HashMap<String, BTreeMap<u64, FileEntry>>, id: u64, hash: &str) {
+    if let Some(holders) = files.get_mut(hash) {
+        holders.remove(&id);
+        if holders.is_empty() {
+            files.remove(hash);
+        }
+    }
+}
+
+fn file_not_found(key: &str) -> WireError {
+    WireError::new(
+        ErrorCode::NotFound,
+        format!("file '{}' not found", quoted(key)),
+    )
+}
+
+fn no_live_holder(key: &str) -> WireError {
+    WireError::new(
+        ErrorCode::NotFound,
+        format!("file '{}' has no live holder", quoted(key)),
+    )
+}
+
 /// The peer a request should go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Host {
@@ -118,6 +225,9 @@ pub(crate) struct Host {
 struct Peer {
     rec: PeerRecord,
     topics: BTreeSet<String>,
+    /// Hashes of the files it offers; sorted so a `replace` diff is one merge pass. The
+    /// entries themselves live in [`Registry::files`].
+    files: BTreeSet<String>,
 }
 
 /// Peers, leases and the topic directory.
@@ -133,6 +243,10 @@ pub(crate) struct Registry {
     leases: BTreeSet<(u64, u64)>,
     /// A BTreeMap so listing by prefix is a range scan, whatever the number of topics.
     directory: BTreeMap<String, u64>,
+    /// File hash → holder id → the holder's entry. Only live peers hold files (leaving and
+    /// expiry withdraw them), so finding a file's holders by hash is one lookup however
+    /// many files there are; searching by name scans.
+    files: HashMap<String, BTreeMap<u64, FileEntry>>,
 }
 
 fn unauthorized(id: u64) -> WireError {
@@ -169,17 +283,19 @@ impl Registry {
             names: HashMap::new(),
             leases: BTreeSet::new(),
             directory: BTreeMap::new(),
+            files: HashMap::new(),
         }
     }
 
-    /// Rebuilds the registry from what was persisted. Directory entries that cannot stand
-    /// (their peer is unknown or inactive) are dropped, and so is a second peer claiming a
-    /// name already taken; the returned changes remove them from storage too.
+    /// Rebuilds the registry from what was persisted. Directory and file entries that
+    /// cannot stand (their peer is unknown or inactive) are dropped, and so is a second peer
+    /// claiming a name already taken; the returned changes remove them from storage too.
     pub fn load(
         ttl_ms: u64,
         next_id: u64,
         peers: impl IntoIterator<Item = (u64, PeerRecord)>,
         directory: impl IntoIterator<Item = (String, u64)>,
+        files: impl IntoIterator<Item = (u64, FileEntry)>,
     ) -> (Self, Vec<Change>) {
         let mut reg = Registry::new(ttl_ms);
         let mut changes = Vec::new();
@@ -199,6 +315,7 @@ impl Registry {
                 Peer {
                     rec,
                     topics: BTreeSet::new(),
+                    files: BTreeSet::new(),
                 },
             );
         }
@@ -211,12 +328,26 @@ impl Registry {
                 _ => changes.push(Change::TopicRemoved(topic)),
             }
         }
+        for (id, entry) in files {
+            match reg.peers.get_mut(&id) {
+                Some(p) if p.rec.active => {
+                    p.files.insert(entry.hash.clone());
+                    reg.files
+                        .entry(entry.hash.clone())
+                        .or_default()
+                        .insert(id, entry);
+                }
+                _ => changes.push(Change::FileRemoved(id, entry.hash)),
+            }
+        }
         (reg, changes)
     }
 
-    /// Number of known peers and of directory entries.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.peers.len(), self.directory.len())
+    /// Number of known peers, of directory entries and of offered files (a file offered
+    /// by two peers counts twice).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let files = self.files.values().map(BTreeMap::len).sum();
+        (self.peers.len(), self.directory.len(), files)
     }
 
     fn check_cookie(&self, auth: &PeerAuth) -> Result<&Peer, WireError> {
@@ -333,6 +464,7 @@ impl Registry {
                             last_registered_ms: now_ms,
                         },
                         topics: BTreeSet::new(),
+                        files: BTreeSet::new(),
                     },
                 );
                 id
@@ -366,16 +498,24 @@ impl Registry {
         Ok(vec![self.peer_change(id)])
     }
 
-    /// Marks the peer inactive at once and withdraws all its topics. Leaving twice is fine.
+    /// Marks the peer inactive at once and withdraws all its topics and files. Leaving
+    /// twice is fine.
     pub fn leave(&mut self, auth: &PeerAuth) -> Result<(Left, Vec<Change>), WireError> {
         let name = self.check_cookie(auth)?.rec.name.clone();
         let mut changes = Vec::new();
-        let topics = self.deactivate(auth.peer_id, &mut changes);
-        Ok((Left { name, topics }, changes))
+        let (topics, files) = self.deactivate(auth.peer_id, &mut changes);
+        Ok((
+            Left {
+                name,
+                topics,
+                files,
+            },
+            changes,
+        ))
     }
 
     /// Ends every lease due by `now_ms` (a deadline equal to `now_ms` is due): those peers
-    /// become inactive and lose their topics.
+    /// become inactive and lose their topics and files.
     pub fn expire(&mut self, now_ms: u64) -> (Vec<Expired>, Vec<Change>) {
         let mut expired = Vec::new();
         let mut changes = Vec::new();
@@ -383,34 +523,41 @@ impl Registry {
             if deadline > now_ms {
                 break;
             }
-            let topics = self.deactivate(id, &mut changes);
+            let (topics, files) = self.deactivate(id, &mut changes);
             expired.push(Expired {
                 id,
                 name: self.peers[&id].rec.name.clone(),
                 topics,
+                files,
             });
         }
         (expired, changes)
     }
 
-    /// Returns the number of topics withdrawn.
-    fn deactivate(&mut self, id: u64, changes: &mut Vec<Change>) -> usize {
+    /// Returns the numbers of topics and files withdrawn.
+    fn deactivate(&mut self, id: u64, changes: &mut Vec<Change>) -> (usize, usize) {
         let Some(peer) = self.peers.get_mut(&id) else {
-            return 0;
+            return (0, 0);
         };
-        if !peer.rec.active && peer.topics.is_empty() {
-            return 0;
+        if !peer.rec.active && peer.topics.is_empty() && peer.files.is_empty() {
+            return (0, 0);
         }
         self.leases.remove(&(peer.rec.expires_ms, id));
         peer.rec.active = false;
         let topics = std::mem::take(&mut peer.topics);
-        let count = topics.len();
+        let topic_count = topics.len();
         for t in topics {
             self.directory.remove(&t);
             changes.push(Change::TopicRemoved(t));
         }
+        let files = std::mem::take(&mut peer.files);
+        let file_count = files.len();
+        for hash in files {
+            drop_holding(&mut self.files, id, &hash);
+            changes.push(Change::FileRemoved(id, hash));
+        }
         changes.push(self.peer_change(id));
-        count
+        (topic_count, file_count)
     }
 
     fn forget_peer(&mut self, id: u64, changes: &mut Vec<Change>) {
@@ -572,7 +719,7 @@ impl Registry {
                         0
                     },
                     topics: u32::try_from(p.topics.len()).unwrap_or(u32::MAX),
-                    files: 0,
+                    files: u32::try_from(p.files.len()).unwrap_or(u32::MAX),
                 }
             })
             .collect()
@@ -610,6 +757,231 @@ impl Registry {
             name: rec.name.clone(),
             addr: rec.addr.clone(),
         })
+    }
+
+    /// The peer offers `files`. With `replace`, files it offered before but no longer
+    /// lists are withdrawn. Entries it already offered unchanged produce no change, so a
+    /// peer re-registering its whole share after a reconnect writes nothing.
+    pub fn register_files(
+        &mut self,
+        auth: &PeerAuth,
+        files: &FileSet,
+        replace: bool,
+    ) -> Result<(FileDiff, Vec<Change>), WireError> {
+        let peer = self.check_live(auth)?;
+        let id = auth.peer_id;
+        let mut upserts = Vec::new();
+        let mut added = 0;
+        let mut removed = Vec::new();
+        let mut held = peer.files.iter().peekable();
+        for f in &files.0 {
+            while let Some(&h) = held.peek()
+                && *h < f.hash
+            {
+                if replace {
+                    removed.push(h.clone());
+                }
+                held.next();
+            }
+            if held.peek() == Some(&&f.hash) {
+                held.next();
+                let known = self.files.get(&f.hash).and_then(|h| h.get(&id));
+                if known != Some(f) {
+                    upserts.push(f);
+                }
+            } else {
+                added += 1;
+                upserts.push(f);
+            }
+        }
+        if replace {
+            removed.extend(held.cloned());
+        }
+        let name = peer.rec.name.clone();
+
+        let mut changes = Vec::with_capacity(upserts.len() + removed.len());
+        let peer = self.peers.get_mut(&id).expect("authenticated peer exists");
+        for hash in &removed {
+            peer.files.remove(hash);
+            drop_holding(&mut self.files, id, hash);
+            changes.push(Change::FileRemoved(id, hash.clone()));
+        }
+        let updated = upserts.len() - added;
+        for f in upserts {
+            peer.files.insert(f.hash.clone());
+            self.files
+                .entry(f.hash.clone())
+                .or_default()
+                .insert(id, f.clone());
+            changes.push(Change::File(id, f.clone()));
+        }
+        let diff = FileDiff {
+            name,
+            added,
+            updated,
+            removed: removed.len(),
+            total: peer.files.len(),
+        };
+        Ok((diff, changes))
+    }
+
+    /// The peer stops offering those of `hashes` it offers; the others are ignored, so
+    /// unregistering twice is fine. Like withdrawing topics, this needs the cookie but not
+    /// a live lease: giving something up is always allowed.
+    pub fn unregister_files(
+        &mut self,
+        auth: &PeerAuth,
+        hashes: &[String],
+    ) -> Result<(FileDiff, Vec<Change>), WireError> {
+        let name = self.check_cookie(auth)?.rec.name.clone();
+        let id = auth.peer_id;
+        let peer = self.peers.get_mut(&id).expect("authenticated peer exists");
+        let mut changes = Vec::new();
+        for hash in hashes {
+            let hash = hash.to_ascii_lowercase();
+            if peer.files.remove(&hash) {
+                drop_holding(&mut self.files, id, &hash);
+                changes.push(Change::FileRemoved(id, hash));
+            }
+        }
+        let diff = FileDiff {
+            name,
+            removed: changes.len(),
+            total: peer.files.len(),
+            ..FileDiff::default()
+        };
+        Ok((diff, changes))
+    }
+
+    /// A file with its live holders by id; named and sized as the first of them describes
+    /// it. `None` when no holder is live.
+    fn file_hit(&self, hash: &str, holders: &BTreeMap<u64, FileEntry>) -> Option<FileHit> {
+        let mut first = None;
+        let peers: Vec<FileHolder> = holders
+            .iter()
+            .filter_map(|(&id, entry)| {
+                let p = self.peers.get(&id).filter(|p| p.rec.active)?;
+                first.get_or_insert(entry);
+                Some(FileHolder {
+                    peer_id: id,
+                    name: p.rec.name.clone(),
+                    addr: p.rec.addr.clone(),
+                })
+            })
+            .collect();
+        let first = first?;
+        Some(FileHit {
+            name: first.name.clone(),
+            size: first.size,
+            hash: hash.to_string(),
+            peers,
+        })
+    }
+
+    /// Files some holder names with `pattern` in the name, case-insensitively (every file
+    /// when `pattern` is empty), with their live holders, sorted by name then hash.
+    ///
+    /// Scans every file: a substring match cannot use an index, and 100k names are
+    /// lowercased and compared in milliseconds.
+    pub fn search_files(&self, pattern: &str) -> Vec<FileHit> {
+        let pattern = pattern.to_lowercase();
+        let mut hits: Vec<FileHit> = self
+            .files
+            .iter()
+            .filter(|(_, holders)| {
+                pattern.is_empty()
+                    || holders
+                        .values()
+                        .any(|e| e.name.to_lowercase().contains(&pattern))
+            })
+            .filter_map(|(hash, holders)| self.file_hit(hash, holders))
+            .collect();
+        hits.sort_unstable_by(|a, b| (&a.name, &a.hash).cmp(&(&b.name, &b.hash)));
+        hits
+    }
+
+    /// One file: by hash when `key` is 64 hex digits, else by exact name. Two different
+    /// files may carry the same name; then the one with the most live holders wins (the
+    /// lowest hash among equals), as the most likely to download well.
+    pub fn lookup_file(&self, key: &str) -> Result<FileHit, WireError> {
+        if is_hash(key) {
+            let holders = self
+                .files
+                .get(&key.to_ascii_lowercase())
+                .ok_or_else(|| file_not_found(key))?;
+            return self
+                .file_hit(&key.to_ascii_lowercase(), holders)
+                .ok_or_else(|| no_live_holder(key));
+        }
+        let mut named = self
+            .files
+            .iter()
+            .filter(|(_, holders)| holders.values().any(|e| e.name == key))
+            .peekable();
+        if named.peek().is_none() {
+            return Err(file_not_found(key));
+        }
+        named
+            .filter_map(|(hash, holders)| self.file_hit(hash, holders))
+            .max_by(|a, b| {
+                a.peers
+                    .len()
+                    .cmp(&b.peers.len())
+                    .then_with(|| b.hash.cmp(&a.hash))
+            })
+            .ok_or_else(|| no_live_holder(key))
+    }
+
+    /// Files held by fewer than `replication` live peers, by hash.
+    pub fn shortfalls(&self, replication: u32) -> Vec<Shortfall> {
+        let wanted = usize::try_from(replication).unwrap_or(usize::MAX);
+        let mut short: Vec<Shortfall> = self
+            .files
+            .iter()
+            // Every holder is live (inactive peers hold nothing), so counting them all is
+            // counting live ones, and well-replicated files cost no allocation.
+            .filter(|(_, holders)| holders.len() < wanted)
+            .map(|(hash, holders)| Shortfall {
+                hash: hash.clone(),
+                holders: holders
+                    .keys()
+                    .copied()
+                    .filter(|id| self.peers.get(id).is_some_and(|p| p.rec.active))
+                    .collect(),
+            })
+            .collect();
+        short.sort_unstable_by(|a, b| a.hash.cmp(&b.hash));
+        short
+    }
+
+    /// `(id, files offered)` of every live peer, by id.
+    pub fn live_loads(&self) -> Vec<(u64, usize)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.rec.active)
+            .map(|(&id, p)| (id, p.files.len()))
+            .collect()
+    }
+
+    /// The live peer `id`.
+    pub fn live_peer(&self, id: u64) -> Option<Host> {
+        let p = self.peers.get(&id).filter(|p| p.rec.active)?;
+        Some(Host {
+            id,
+            name: p.rec.name.clone(),
+            addr: p.rec.addr.clone(),
+        })
+    }
+
+    /// The name the first holder gives the file `hash`.
+    pub fn file_name(&self, hash: &str) -> Option<&str> {
+        let (_, entry) = self.files.get(hash)?.first_key_value()?;
+        Some(&entry.name)
+    }
+
+    /// True when peer `id` offers the file `hash`.
+    pub fn offers(&self, id: u64, hash: &str) -> bool {
+        self.files.get(hash).is_some_and(|h| h.contains_key(&id))
     }
 }
 
@@ -651,6 +1023,28 @@ mod tests {
 
     fn topics(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A valid hash made from `n`.
+    fn hash(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn file(name: &str, n: u8) -> FileEntry {
+        FileEntry {
+            name: name.into(),
+            hash: hash(n),
+            size: u64::from(n) * 100,
+        }
+    }
+
+    fn files(entries: &[(&str, u8)]) -> FileSet {
+        FileSet::new(entries.iter().map(|&(name, n)| file(name, n)).collect()).expect("valid")
+    }
+
+    fn hit_summary(hit: &FileHit) -> (String, String, Vec<u64>) {
+        let ids = hit.peers.iter().map(|p| p.peer_id).collect();
+        (hit.name.clone(), hit.hash.clone(), ids)
     }
 
     fn peer_info(reg: &Registry, id: u64, now: u64) -> PeerInfo {
@@ -827,7 +1221,8 @@ mod tests {
             vec![Expired {
                 id: 1,
                 name: "a".into(),
-                topics: 2
+                topics: 2,
+                files: 0
             }]
         );
         assert!(changes.contains(&Change::TopicRemoved("t1".into())));
@@ -857,7 +1252,8 @@ mod tests {
             left,
             Left {
                 name: "a".into(),
-                topics: 2
+                topics: 2,
+                files: 0
             }
         );
         assert_eq!(changes.len(), 3);
@@ -991,6 +1387,278 @@ mod tests {
     }
 
     #[test]
+    fn registering_files_adds_them_and_repeats_change_nothing() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let (diff, changes) = reg
+            .register_files(&a, &files(&[("one.txt", 1), ("two.txt", 2)]), false)
+            .unwrap();
+        assert_eq!(
+            diff,
+            FileDiff {
+                name: "a".into(),
+                added: 2,
+                updated: 0,
+                removed: 0,
+                total: 2
+            }
+        );
+        assert_eq!(
+            changes,
+            vec![
+                Change::File(1, file("one.txt", 1)),
+                Change::File(1, file("two.txt", 2))
+            ]
+        );
+        assert_eq!(peer_info(&reg, 1, T0).files, 2);
+        let (diff, changes) = reg
+            .register_files(&a, &files(&[("one.txt", 1)]), false)
+            .unwrap();
+        assert!(changes.is_empty(), "nothing new: nothing to persist");
+        assert_eq!((diff.added, diff.total), (0, 2));
+        // Same content under a new name: an update, not a second file.
+        let (diff, changes) = reg
+            .register_files(&a, &files(&[("renamed.txt", 1)]), false)
+            .unwrap();
+        assert_eq!((diff.added, diff.updated, diff.total), (0, 1, 2));
+        assert_eq!(changes, vec![Change::File(1, file("renamed.txt", 1))]);
+        assert_eq!(reg.lookup_file(&hash(1)).unwrap().name, "renamed.txt");
+        assert_eq!(reg.counts(), (1, 0, 2));
+    }
+
+    #[test]
+    fn replace_swaps_the_whole_file_list() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        reg.register_files(&a, &files(&[("f1", 1), ("f2", 2), ("f3", 3)]), false)
+            .unwrap();
+        let (diff, changes) = reg
+            .register_files(&a, &files(&[("f2", 2), ("f4", 4)]), true)
+            .unwrap();
+        assert_eq!((diff.added, diff.removed, diff.total), (1, 2, 2));
+        assert_eq!(
+            changes,
+            vec![
+                Change::FileRemoved(1, hash(1)),
+                Change::FileRemoved(1, hash(3)),
+                Change::File(1, file("f4", 4)),
+            ]
+        );
+        let names: Vec<String> = reg.search_files("").into_iter().map(|h| h.name).collect();
+        assert_eq!(names, ["f2", "f4"]);
+        let (diff, _) = reg.register_files(&a, &files(&[]), true).unwrap();
+        assert_eq!((diff.removed, diff.total), (2, 0));
+        assert!(reg.search_files("").is_empty());
+        assert_eq!(peer_info(&reg, 1, T0).files, 0);
+    }
+
+    #[test]
+    fn unregistering_removes_only_own_files() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let b = register(&mut reg, "bb", T0);
+        reg.register_files(&a, &files(&[("x", 1), ("y", 2)]), false)
+            .unwrap();
+        reg.register_files(&b, &files(&[("x", 1)]), false).unwrap();
+        // Hashes are matched whatever their case; unknown ones are ignored.
+        let (diff, changes) = reg
+            .unregister_files(&a, &[hash(1).to_uppercase(), hash(9), "junk".into()])
+            .unwrap();
+        assert_eq!((diff.removed, diff.total), (1, 1));
+        assert_eq!(changes, vec![Change::FileRemoved(1, hash(1))]);
+        let hit = reg.lookup_file(&hash(1)).unwrap();
+        assert_eq!(hit_summary(&hit), ("x".into(), hash(1), vec![b.peer_id]));
+        reg.unregister_files(&b, &[hash(1)]).unwrap();
+        let e = reg.lookup_file(&hash(1)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message, format!("file '{}' not found", hash(1)));
+        assert_eq!(reg.counts(), (2, 0, 1));
+    }
+
+    #[test]
+    fn invalid_or_unauthorized_file_registrations_change_nothing() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let e = FileSet::new(vec![
+            file("ok", 1),
+            FileEntry {
+                name: "bad".into(),
+                hash: "abc".into(),
+                size: 1,
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert_eq!(
+            e.message,
+            "file 'bad': hash 'abc' is not a BLAKE3 hash (64 hex digits)"
+        );
+        let e = FileSet::new(vec![FileEntry {
+            name: "g".into(),
+            hash: "g".repeat(64),
+            size: 1,
+        }])
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = FileSet::new(vec![file("", 1)]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert_eq!(
+            e.message,
+            format!("file with hash {} has an empty name", hash(1))
+        );
+        // Upper-case hashes are the same files; the first of duplicates wins.
+        let mut upper = file("first", 0xab);
+        upper.hash = upper.hash.to_uppercase();
+        let set = FileSet::new(vec![upper, file("second", 0xab)]).unwrap();
+        assert_eq!(set.0, vec![file("first", 0xab)]);
+
+        let bad = PeerAuth {
+            peer_id: a.peer_id,
+            cookie: cookie(99),
+        };
+        let e = reg.register_files(&bad, &set, false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        let e = reg.unregister_files(&bad, &[hash(1)]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        reg.expire(T0 + TTL);
+        let e = reg.register_files(&a, &set, false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message, "lease of peer 1 expired; register again");
+        assert_eq!(reg.counts(), (1, 0, 0));
+    }
+
+    #[test]
+    fn search_is_case_insensitive_grouped_by_hash_and_sorted() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let b = register(&mut reg, "bb", T0);
+        let c = register(&mut reg, "ccc", T0);
+        reg.register_files(&c, &files(&[("Report.PDF", 1), ("zeta.pdf", 4)]), false)
+            .unwrap();
+        reg.register_files(&a, &files(&[("report.pdf", 1), ("notes.txt", 2)]), false)
+            .unwrap();
+        reg.register_files(&b, &files(&[("report.pdf", 3), ("other", 1)]), false)
+            .unwrap();
+        let found: Vec<_> = reg.search_files("REPORT").iter().map(hit_summary).collect();
+        assert_eq!(
+            found,
+            vec![
+                // Named as its lowest-id holder names it, found because some holder's
+                // name matches (bb calls it "other"), holders in id order.
+                ("report.pdf".into(), hash(1), vec![1, 2, 3]),
+                ("report.pdf".into(), hash(3), vec![2]),
+            ]
+        );
+        let hit = &reg.search_files("zeta")[0];
+        assert_eq!((hit.size, hit.peers[0].name.as_str()), (400, "ccc"));
+        assert_eq!(hit.peers[0].addr, "ccc.example:7000");
+        let all: Vec<String> = reg.search_files("").into_iter().map(|h| h.name).collect();
+        assert_eq!(all, ["notes.txt", "report.pdf", "report.pdf", "zeta.pdf"]);
+        assert!(reg.search_files("nothing").is_empty());
+        assert_eq!(reg.search_files(".PDF").len(), 3);
+    }
+
+    #[test]
+    fn lookup_by_hash_or_exact_name() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let b = register(&mut reg, "bb", T0);
+        reg.register_files(&a, &files(&[("dup", 1), ("solo", 5)]), false)
+            .unwrap();
+        reg.register_files(&b, &files(&[("dup", 1), ("dup", 2)]), false)
+            .unwrap();
+        let hit = reg.lookup_file(&hash(5)).unwrap();
+        assert_eq!(hit_summary(&hit), ("solo".into(), hash(5), vec![1]));
+        assert_eq!(
+            reg.lookup_file(&hash(5).to_uppercase()).unwrap().hash,
+            hash(5)
+        );
+        assert_eq!(reg.lookup_file("solo").unwrap().hash, hash(5));
+        // Two contents named "dup": the one with more live holders.
+        assert_eq!(reg.lookup_file("dup").unwrap().hash, hash(1));
+        assert!(reg.lookup_file("SOLO").is_err(), "names match exactly");
+        let e = reg.lookup_file("missing").unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message, "file 'missing' not found");
+        assert!(reg.lookup_file(&hash(7)).is_err());
+    }
+
+    #[test]
+    fn leave_and_expiry_withdraw_all_files() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let b = register(&mut reg, "bb", T0 + 10);
+        reg.register_files(&a, &files(&[("x", 1), ("y", 2)]), false)
+            .unwrap();
+        reg.register_files(&b, &files(&[("x", 1), ("z", 3)]), false)
+            .unwrap();
+        let (left, changes) = reg.leave(&a).unwrap();
+        assert_eq!((left.topics, left.files), (0, 2));
+        assert!(changes.contains(&Change::FileRemoved(1, hash(1))));
+        assert!(changes.contains(&Change::FileRemoved(1, hash(2))));
+        assert_eq!(reg.lookup_file("x").unwrap().peers.len(), 1);
+        assert!(reg.lookup_file("y").is_err());
+        assert_eq!(peer_info(&reg, 1, T0).files, 0);
+        let e = reg
+            .register_files(&a, &files(&[("x", 1)]), false)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+
+        let (expired, changes) = reg.expire(T0 + 10 + TTL);
+        assert_eq!(
+            expired,
+            vec![Expired {
+                id: 2,
+                name: "bb".into(),
+                topics: 0,
+                files: 2
+            }]
+        );
+        assert!(changes.contains(&Change::FileRemoved(2, hash(3))));
+        assert!(reg.search_files("").is_empty());
+        assert_eq!(reg.counts(), (2, 0, 0));
+    }
+
+    #[test]
+    fn shortfalls_list_files_below_the_replication_factor() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        let b = register(&mut reg, "bb", T0);
+        register(&mut reg, "ccc", T0);
+        reg.register_files(&a, &files(&[("x", 2), ("y", 1)]), false)
+            .unwrap();
+        reg.register_files(&b, &files(&[("x", 2)]), false).unwrap();
+        assert_eq!(
+            reg.shortfalls(2),
+            vec![Shortfall {
+                hash: hash(1),
+                holders: vec![1]
+            }]
+        );
+        assert_eq!(
+            reg.shortfalls(3),
+            vec![
+                Shortfall {
+                    hash: hash(1),
+                    holders: vec![1]
+                },
+                Shortfall {
+                    hash: hash(2),
+                    holders: vec![1, 2]
+                },
+            ]
+        );
+        assert_eq!(reg.live_loads(), vec![(1, 2), (2, 1), (3, 0)]);
+        assert_eq!(reg.file_name(&hash(2)), Some("x"));
+        assert!(reg.offers(2, &hash(2)) && !reg.offers(3, &hash(2)));
+        reg.leave(&b).unwrap();
+        assert_eq!(reg.shortfalls(2).len(), 2);
+        assert_eq!(reg.live_loads(), vec![(1, 2), (3, 0)]);
+        assert!(reg.live_peer(2).is_none());
+        assert_eq!(reg.live_peer(3).unwrap().name, "ccc");
+    }
+
+    #[test]
     fn load_restores_live_peers_and_drops_orphans() {
         let mut reg = Registry::new(TTL);
         let a = register(&mut reg, "a", T0);
@@ -1014,17 +1682,26 @@ mod tests {
             ("y".to_string(), b.peer_id),
             ("z".to_string(), 99),
         ];
-        let (loaded, cleanup) = Registry::load(TTL, 3, records, dir);
+        let files = vec![
+            (a.peer_id, file("a.txt", 1)),
+            (b.peer_id, file("b.txt", 2)),
+            (99, file("orphan", 3)),
+        ];
+        let (loaded, cleanup) = Registry::load(TTL, 3, records, dir, files);
         assert_eq!(
             cleanup,
             vec![
                 Change::TopicRemoved("y".into()),
-                Change::TopicRemoved("z".into())
+                Change::TopicRemoved("z".into()),
+                Change::FileRemoved(b.peer_id, hash(2)),
+                Change::FileRemoved(99, hash(3)),
             ]
         );
         assert_eq!(loaded.lookup("x").unwrap().peer_name, "a");
         assert!(loaded.lookup("y").is_err());
-        assert_eq!(loaded.counts(), (2, 1));
+        assert_eq!(loaded.counts(), (2, 1, 1));
+        assert_eq!(loaded.lookup_file("a.txt").unwrap().peers[0].peer_id, 1);
+        assert_eq!(peer_info(&loaded, a.peer_id, T0).files, 1);
         assert_eq!(loaded.next_id, 3);
         let mut loaded = loaded;
         // The lease deadline survives the reload.
@@ -1061,12 +1738,61 @@ mod scale {
         let names: Vec<String> = (0..100_000).map(|i| format!("t{i:06}")).collect();
         let set = TopicSet::new(names).unwrap();
         reg.announce(&auth, &set, true).unwrap();
-        assert_eq!(reg.counts(), (1, 100_000));
+        assert_eq!(reg.counts(), (1, 100_000, 0));
         let listed = reg.list_topics(Some("t01234"));
         assert_eq!(listed.len(), 10);
         assert_eq!(listed[0].topic, "t012340");
         assert!(reg.lookup("t099999").is_ok());
         let (diff, changes) = reg.announce(&auth, &set, true).unwrap();
         assert!(diff.added.is_empty() && diff.removed.is_empty() && changes.is_empty());
+    }
+
+    /// Many files: lookups by hash and name, searches and an unchanged re-registration give
+    /// exact results. Results only, no timings.
+    #[test]
+    fn many_files_look_up_search_and_re_register_without_changes() {
+        let mut reg = Registry::new(30_000);
+        let (r, _) = reg
+            .register(
+                &RegisterPeer {
+                    name: "big".into(),
+                    addr: "h:1".into(),
+                    http: None,
+                    previous: None,
+                },
+                "c".into(),
+                0,
+            )
+            .unwrap();
+        let auth = PeerAuth {
+            peer_id: r.peer_id,
+            cookie: r.cookie,
+        };
+        let hash = |i: u32| format!("{i:064x}");
+        let entries: Vec<FileEntry> = (0..100_000)
+            .map(|i| FileEntry {
+                name: format!("dir/File{i:06}.bin"),
+                hash: hash(i),
+                size: u64::from(i),
+            })
+            .collect();
+        let set = FileSet::new(entries).unwrap();
+        let (diff, _) = reg.register_files(&auth, &set, true).unwrap();
+        assert_eq!(diff.added, 100_000);
+        assert_eq!(reg.counts(), (1, 0, 100_000));
+        assert_eq!(reg.lookup_file(&hash(99_999)).unwrap().size, 99_999);
+        assert_eq!(
+            reg.lookup_file("dir/File012345.bin").unwrap().hash,
+            hash(12_345)
+        );
+        let found = reg.search_files("file01234");
+        let names: Vec<&str> = found.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names.len(), 10);
+        assert_eq!(names[0], "dir/File012340.bin");
+        assert!(names.is_sorted());
+        assert!(reg.shortfalls(1).is_empty());
+        assert_eq!(reg.shortfalls(2).len(), 100_000);
+        let (diff, changes) = reg.register_files(&auth, &set, true).unwrap();
+        assert!(changes.is_empty() && diff.added == 0 && diff.removed == 0);
     }
 }

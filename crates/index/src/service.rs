@@ -1,6 +1,7 @@
 //! Requests to the index: registry operations answered locally, topic operations forwarded
 //! to the hosting peer.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,9 +9,11 @@ use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
 use peerbus_proto::{ErrorCode, RegisterPeer, Request, Response, WireError};
 use peerbus_store::Writer;
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
-use crate::registry::{Change, Expired, Registry, TopicDiff, TopicSet};
+use crate::registry::{Change, Expired, FileDiff, FileSet, Host, Registry, TopicDiff, TopicSet};
+use crate::replication::{InFlight, plan_replication};
 use crate::storage;
 
 /// Topic names logged in full per announce or withdraw; beyond this a count is enough and
@@ -50,15 +53,30 @@ fn relay(result: Result<Response, ClientError>) -> Result<Response, WireError> {
     }
 }
 
+/// A fetch the replication loop asks of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ask {
+    pub hash: String,
+    /// The file's name, for the log.
+    pub file: String,
+    /// Live holders when asked.
+    pub holders: usize,
+    pub target: Host,
+}
+
 /// The index's request handler and state.
 pub(crate) struct IndexService {
     registry: Mutex<Registry>,
     writer: Writer,
-    /// Talks to peers for forwarded requests, with the index's own token.
+    /// Talks to peers for forwarded requests and fetches, with the index's own token.
     client: Client,
     ttl: Duration,
-    /// Forwarded requests in flight, so shutdown waits for them to end.
+    /// Tasks talking to peers (forwarded requests, fetches), so shutdown waits for them.
     forwards: TaskTracker,
+    /// Woken when files or peer liveness change, so replication reacts at once instead of
+    /// at its next tick. A `Notify` keeps one wakeup while the loop is busy, so a burst of
+    /// changes costs one round, not one each.
+    pub(crate) changed: Notify,
 }
 
 impl IndexService {
@@ -69,7 +87,55 @@ impl IndexService {
             client,
             ttl,
             forwards: TaskTracker::new(),
+            changed: Notify::new(),
         }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Runs `task` among those shutdown waits for.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.forwards.spawn(task);
+    }
+
+    /// True when live peer `id` offers the file `hash`.
+    pub(crate) fn offers(&self, id: u64, hash: &str) -> bool {
+        self.read(|reg, _| reg.offers(id, hash))
+    }
+
+    /// Plans a replication round and records its fetches as in flight.
+    ///
+    /// Planned under the registry lock, so no peer can expire or register files between
+    /// reading the state and choosing targets.
+    pub(crate) fn plan_fetches(&self, replication: u32, in_flight: &Mutex<InFlight>) -> Vec<Ask> {
+        self.read(|reg, _| {
+            let short = reg.shortfalls(replication);
+            if short.is_empty() {
+                return Vec::new();
+            }
+            let live = reg.live_loads();
+            let mut in_flight = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            let plan = plan_replication(replication, &short, &live, &in_flight);
+            let holders = |hash: &str| {
+                short
+                    .binary_search_by(|s| s.hash.as_str().cmp(hash))
+                    .map_or(0, |i| short[i].holders.len())
+            };
+            plan.into_iter()
+                .filter_map(|(hash, id)| {
+                    let target = reg.live_peer(id)?;
+                    in_flight.insert((hash.clone(), id));
+                    Some(Ask {
+                        file: reg.file_name(&hash).unwrap_or_default().to_string(),
+                        holders: holders(&hash),
+                        hash,
+                        target,
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Locks the registry after ending every lease due, so each operation sees liveness as
@@ -83,11 +149,22 @@ impl IndexService {
             // Submitted under the lock so the store sees changes in the registry's order.
             self.writer.submit_detached(storage::ops(changes));
         }
-        for Expired { id, name, topics } in expired {
+        let any_expired = !expired.is_empty();
+        for Expired {
+            id,
+            name,
+            topics,
+            files,
+        } in expired
+        {
             tracing::info!(
-                "peer {name} (id {id}) expired: no keepalive within {}s ({topics} topics withdrawn)",
+                "peer {name} (id {id}) expired: no keepalive within {}s \
+                 ({topics} topics and {files} files withdrawn)",
                 self.ttl.as_secs_f64()
             );
+        }
+        if any_expired {
+            self.changed.notify_one();
         }
         reg
     }
@@ -121,6 +198,8 @@ impl IndexService {
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("the storage writer stopped".to_string()),
         };
+        // A new live peer can take copies of files: worth a replication round.
+        self.changed.notify_one();
         if let Some(e) = failure {
             tracing::error!(
                 "registration of peer {} (id {}) was not stored: {e}",
@@ -198,6 +277,27 @@ impl IndexService {
         }
     }
 
+    fn log_files(diff: &FileDiff, peer_id: u64, listed: Option<usize>) {
+        match listed {
+            Some(listed) => tracing::info!(
+                "peer {} (id {peer_id}) registered {listed} files \
+                 ({} new, {} changed, {} withdrawn): it offers {}",
+                diff.name,
+                diff.added,
+                diff.updated,
+                diff.removed,
+                diff.total
+            ),
+            None if diff.removed > 0 => tracing::info!(
+                "peer {} (id {peer_id}) unregistered {} files: it offers {}",
+                diff.name,
+                diff.removed,
+                diff.total
+            ),
+            None => {}
+        }
+    }
+
     /// Answers `req`, or hands it to a task that will.
     async fn answer(&self, conn: &Arc<ConnCtx>, id: u32, req: Request) -> Answer {
         let result = match req {
@@ -208,11 +308,13 @@ impl IndexService {
                 .map(|()| Response::Ok),
             Request::Leave(auth) => self.change(|reg, _| reg.leave(&auth)).map(|left| {
                 tracing::info!(
-                    "peer {} (id {}) left ({} topics withdrawn)",
+                    "peer {} (id {}) left ({} topics and {} files withdrawn)",
                     left.name,
                     auth.peer_id,
-                    left.topics
+                    left.topics,
+                    left.files
                 );
+                self.changed.notify_one();
                 Response::Ok
             }),
             Request::AnnounceTopics {
@@ -266,6 +368,42 @@ impl IndexService {
             )),
             // Follows never start here, so there is nothing to stop.
             Request::StopFollow { .. } => Ok(Response::Ok),
+            Request::RegisterFiles {
+                auth,
+                files,
+                replace,
+            } => {
+                let listed = files.len();
+                FileSet::new(files)
+                    .and_then(|set| self.change(|reg, _| reg.register_files(&auth, &set, replace)))
+                    .map(|diff| {
+                        Self::log_files(&diff, auth.peer_id, Some(listed));
+                        self.changed.notify_one();
+                        Response::Ok
+                    })
+            }
+            Request::UnregisterFiles { auth, hashes } => self
+                .change(|reg, _| reg.unregister_files(&auth, &hashes))
+                .map(|diff| {
+                    Self::log_files(&diff, auth.peer_id, None);
+                    self.changed.notify_one();
+                    Response::Ok
+                }),
+            Request::SearchFiles { pattern } => Ok(Response::Files(
+                self.read(|reg, _| reg.search_files(&pattern)),
+            )),
+            Request::LookupFile { key } => self
+                .read(|reg, _| reg.lookup_file(&key))
+                .map(|hit| Response::Files(vec![hit])),
+            // The index knows where files are, not what is in them.
+            Request::FileManifest { .. } | Request::ReadPiece { .. } => Err(WireError::new(
+                ErrorCode::Unsupported,
+                "ask a peer holding the file: look it up first",
+            )),
+            Request::Fetch { .. } => Err(WireError::new(
+                ErrorCode::Unsupported,
+                "send fetch to the peer that should download",
+            )),
             req => match req.hosted_topic() {
                 Some(topic) => match self.read(|reg, _| reg.lookup(topic)) {
                     Ok(loc) => {
@@ -319,6 +457,8 @@ impl Service for IndexService {
                 | Request::Leave(_)
                 | Request::AnnounceTopics { .. }
                 | Request::WithdrawTopics { .. }
+                | Request::RegisterFiles { .. }
+                | Request::UnregisterFiles { .. }
         );
         let Answer::Now(result) = self.answer(conn, id, req).await else {
             return;

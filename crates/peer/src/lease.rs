@@ -1,5 +1,6 @@
 //! The peer's lease with the index: register (keeping the identity across restarts with the
-//! cookie), announce hosted topics, renew every TTL/3, reconnect with backoff, leave on stop.
+//! cookie), announce hosted topics and shared files, renew every TTL/3, reconnect with
+//! backoff, leave on stop.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,10 +58,18 @@ async fn session(
     loop {
         let (auth, ttl) = register(node, &conn).await?;
         announce(node, &conn, &auth).await?;
+        let sent = register_files(node, &conn, &auth).await?;
         *node.lease.lock().expect("lease lock") = Some(Lease {
             auth: auth.clone(),
             conn: conn.clone(),
         });
+        // A rescan that finished between the file list going out and the lease being set
+        // saw no lease and told nobody: send the whole list again.
+        if let Some(share) = &node.share
+            && share.snapshot().0 != sent
+        {
+            register_files(node, &conn, &auth).await?;
+        }
         let _ = ready.send(true);
         let period = (ttl / 3).max(Duration::from_millis(50));
         loop {
@@ -174,4 +183,46 @@ async fn announce(node: &Node, conn: &Connection, auth: &PeerAuth) -> Result<(),
         }
         Err(e) => Err(e),
     }
+}
+
+/// Offers the whole share to the index in one request, replacing whatever this peer offered
+/// before (files removed while it was away). Returns the share version sent. An index that
+/// does not take file lists is tolerated: topics still work.
+async fn register_files(
+    node: &Node,
+    conn: &Connection,
+    auth: &PeerAuth,
+) -> Result<u64, ClientError> {
+    let (version, files) = node
+        .share
+        .as_ref()
+        .map(|s| s.snapshot())
+        .unwrap_or_default();
+    let n = files.len();
+    let req = Request::RegisterFiles {
+        auth: auth.clone(),
+        files,
+        replace: true,
+    };
+    match conn.request(req, false).await {
+        Ok(_) => {
+            if n > 0 {
+                tracing::info!("registered {n} files with the index");
+            }
+        }
+        Err(e) if e.code() == Some(ErrorCode::Unsupported) => {
+            if n > 0 {
+                tracing::warn!(
+                    "the index does not take file lists, so {n} shared files are not offered there: {e}"
+                );
+            }
+        }
+        // A refused list must not cost the lease (and with it every hosted topic); only a
+        // broken connection makes the session start over.
+        Err(e) if e.code().is_some() => {
+            tracing::error!("the index refused this peer's {n} shared files: {e}");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(version)
 }

@@ -8,6 +8,7 @@
 mod lease;
 mod node;
 pub mod retention;
+pub mod share;
 mod topic;
 
 use std::net::SocketAddr;
@@ -24,6 +25,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use node::{Node, PeerService};
+use share::Share;
+
+/// Told how hashing the share goes: `(bytes hashed so far, total bytes to hash)`.
+pub type HashProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// When a publish is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,7 +58,7 @@ impl std::str::FromStr for Durability {
 }
 
 /// How to run a peer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerConfig {
     /// Address to listen on for the binary protocol.
     pub listen: String,
@@ -73,7 +78,41 @@ pub struct PeerConfig {
     pub token: Option<String>,
     /// Log every request received, one line each.
     pub trace_messages: bool,
+    /// Directory whose files this peer offers for download (`--share`); downloads asked of
+    /// this peer land here too. `None` shares nothing.
+    pub share: Option<PathBuf>,
+    /// How often the share directory is walked again for added, changed and removed files.
+    pub rescan: Duration,
+    /// Called while [`Peer::start`] hashes the share, e.g. to draw a progress bar.
+    pub hash_progress: Option<HashProgress>,
 }
+
+impl std::fmt::Debug for PeerConfig {
+    // By hand: the progress callback has no Debug, and the token is a secret that must not
+    // reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("index", &self.index)
+            .field("http", &self.http)
+            .field("data", &self.data)
+            .field("durability", &self.durability)
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("trace_messages", &self.trace_messages)
+            .field("share", &self.share)
+            .field("rescan", &self.rescan)
+            .field(
+                "hash_progress",
+                &self.hash_progress.as_ref().map(|_| "<callback>"),
+            )
+            .finish()
+    }
+}
+
+/// Default interval between share rescans.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(5);
 
 impl PeerConfig {
     /// A peer listening on `listen` that registers with the index at `index`, in memory.
@@ -88,6 +127,9 @@ impl PeerConfig {
             name: None,
             token: None,
             trace_messages: false,
+            share: None,
+            rescan: DEFAULT_RESCAN,
+            hash_progress: None,
         }
     }
 }
@@ -111,6 +153,14 @@ pub enum PeerError {
         /// What failed.
         source: peerbus_store::StoreError,
     },
+    /// The share directory could not be opened or read.
+    #[error("cannot share {dir}: {source}")]
+    Share {
+        /// The directory.
+        dir: String,
+        /// The OS's reason.
+        source: std::io::Error,
+    },
 }
 
 /// A running peer.
@@ -121,12 +171,14 @@ pub struct Peer {
     node: Arc<Node>,
     server: JoinHandle<()>,
     lease: JoinHandle<()>,
+    rescan: Option<JoinHandle<()>>,
     registered: watch::Receiver<bool>,
 }
 
 impl Peer {
-    /// Opens storage, binds, and starts serving and the lease with the index. Returns once
-    /// listening; registration proceeds in the background (see [`Peer::registered`]).
+    /// Opens storage, binds, hashes the share directory (if any), and starts serving and the
+    /// lease with the index. Returns once listening with the share hashed; registration
+    /// proceeds in the background (see [`Peer::registered`]).
     pub async fn start(config: PeerConfig, shutdown: CancellationToken) -> Result<Peer, PeerError> {
         let listener =
             TcpListener::bind(&config.listen)
@@ -158,11 +210,31 @@ impl Peer {
             .as_ref()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "memory".into());
+        // Hashed before serving, so the first registration offers the whole share.
+        let share = match &config.share {
+            Some(dir) => {
+                let share = Share::open(dir, config.hash_progress.clone())
+                    .await
+                    .map_err(|source| PeerError::Share {
+                        dir: dir.display().to_string(),
+                        source,
+                    })?;
+                let files = share.files();
+                tracing::info!(
+                    "sharing {} files ({} bytes) from {}",
+                    files.len(),
+                    files.iter().map(|f| f.size).sum::<u64>(),
+                    share.root().display()
+                );
+                Some(Arc::new(share))
+            }
+            None => None,
+        };
         let mut server_config = ServerConfig::new(NodeKind::Peer);
         server_config.token = config.token.clone();
         server_config.trace_messages = config.trace_messages;
         let node = Arc::new(
-            Node::open(config, backend, advertise, default_name).map_err(|source| {
+            Node::open(config, backend, advertise, default_name, share).map_err(|source| {
                 PeerError::Storage {
                     dir: data_dir,
                     source,
@@ -179,6 +251,24 @@ impl Peer {
         // clients here before connections close.
         let server_stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, service, server_config, server_stop.clone()));
+        let rescan = node.share.is_some().then(|| {
+            let (node, stop) = (node.clone(), shutdown.clone());
+            // A zero interval would spin walking the directory; a tenth of a second is
+            // already more often than anyone needs.
+            let every = node.config.rescan.max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    tokio::select! {
+                        _ = node.rescan_share() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            })
+        });
         let (ready_tx, registered) = watch::channel(false);
         let lease_node = node.clone();
         let lease = tokio::spawn(async move {
@@ -191,6 +281,7 @@ impl Peer {
             node,
             server,
             lease,
+            rescan,
             registered,
         })
     }
@@ -203,6 +294,17 @@ impl Peer {
     /// The peer's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The share directory's index, when the peer runs with one.
+    pub fn share(&self) -> Option<&Share> {
+        self.node.share.as_deref()
+    }
+
+    /// Walks the share directory now instead of waiting for the next periodic rescan, and
+    /// tells the index what changed. Returns what changed (nothing without a share).
+    pub async fn rescan_share(&self) -> share::Changes {
+        self.node.rescan_share().await
     }
 
     /// Waits until the peer holds a lease with the index, up to `timeout`. Returns whether
@@ -219,6 +321,9 @@ impl Peer {
     pub async fn wait(self) {
         let _ = self.lease.await;
         let _ = self.server.await;
+        if let Some(rescan) = self.rescan {
+            let _ = rescan.await;
+        }
         self.node.writer.shutdown();
         tracing::info!("peer {} stopped", self.name);
     }

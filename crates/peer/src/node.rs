@@ -1,6 +1,8 @@
 //! The peer's state and its request handlers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,14 +10,15 @@ use bytes::Bytes;
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
 use peerbus_proto::{
-    Batch, ErrorCode, MessageSet, PeerAuth, Request, Response, Retention, ServerFrame, Subscribe,
-    SubscriberInfo, TopicLocation, TopicStats, WireError,
+    Batch, ErrorCode, FetchReport, FileHit, FileHolder, MessageSet, PeerAuth, Request, Response,
+    Retention, ServerFrame, Subscribe, SubscriberInfo, TopicLocation, TopicStats, WireError,
 };
 use peerbus_store::{Backend, Op, Table, TopicMeta, Writer};
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::LeaseCell;
 use crate::retention::Retained;
+use crate::share::{Changes, PARTIAL_DIR, PieceError, Share, SharedFile};
 use crate::topic::Topic;
 use crate::{Durability, PeerConfig};
 
@@ -59,6 +62,10 @@ pub(crate) struct Node {
     pub topics: Mutex<HashMap<String, Arc<Topic>>>,
     pub lease: LeaseCell,
     pub client: Client,
+    /// The files this peer offers, when it runs with `--share`.
+    pub share: Option<Arc<Share>>,
+    /// Makes the temporary names of concurrent downloads of one file distinct.
+    next_download: AtomicU64,
     /// Following subscriptions by (connection, subscription id), to stop them on request.
     follows: Mutex<HashMap<(u64, u64), CancellationToken>>,
     next_topic_id: Mutex<u64>,
@@ -79,6 +86,7 @@ impl Node {
         backend: Arc<dyn Backend>,
         advertise: String,
         default_name: String,
+        share: Option<Arc<Share>>,
     ) -> Result<Node, peerbus_store::StoreError> {
         let saved: Option<SavedIdentity> = backend
             .get(Table::Meta, AUTH_KEY)?
@@ -124,6 +132,8 @@ impl Node {
             topics: Mutex::new(topics),
             lease: Arc::new(Mutex::new(None)),
             client,
+            share,
+            next_download: AtomicU64::new(0),
             follows: Mutex::new(HashMap::new()),
             next_topic_id: Mutex::new(max_id + 1),
             config,
@@ -178,19 +188,304 @@ impl Node {
         self.config.durability == Durability::Sync
     }
 
-    fn location(&self, topic: &str) -> TopicLocation {
-        let peer_id = self
-            .lease
+    /// This peer's id at the index; 0 while it holds no lease.
+    fn peer_id(&self) -> u64 {
+        self.lease
             .lock()
             .expect("lease lock")
             .as_ref()
-            .map_or(0, |l| l.auth.peer_id);
+            .map_or(0, |l| l.auth.peer_id)
+    }
+
+    fn location(&self, topic: &str) -> TopicLocation {
         TopicLocation {
             topic: topic.to_string(),
-            peer_id,
+            peer_id: self.peer_id(),
             peer_name: self.name.clone(),
             addr: self.advertise.clone(),
         }
+    }
+
+    /// This peer as the holder of a file.
+    fn holder(&self) -> FileHolder {
+        FileHolder {
+            peer_id: self.peer_id(),
+            name: self.name.clone(),
+            addr: self.advertise.clone(),
+        }
+    }
+
+    fn hit(&self, f: &SharedFile) -> FileHit {
+        FileHit {
+            name: f.entry.name.clone(),
+            size: f.entry.size,
+            hash: f.entry.hash.clone(),
+            peers: vec![self.holder()],
+        }
+    }
+
+    /// Files of this peer's own share whose name contains `pattern`, case-insensitively.
+    fn search_share(&self, pattern: &str) -> Vec<FileHit> {
+        let Some(share) = &self.share else {
+            return Vec::new();
+        };
+        let pattern = pattern.to_lowercase();
+        let holder = self.holder();
+        share
+            .files()
+            .into_iter()
+            .filter(|e| e.name.to_lowercase().contains(&pattern))
+            .map(|e| FileHit {
+                name: e.name,
+                size: e.size,
+                hash: e.hash,
+                peers: vec![holder.clone()],
+            })
+            .collect()
+    }
+
+    /// The shared file with this hash, or the error a downloader gets.
+    fn shared(&self, hash: &str) -> Result<Arc<SharedFile>, WireError> {
+        self.share
+            .as_ref()
+            .and_then(|s| s.get(hash))
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::NotFound,
+                    format!("file {hash} is not shared by peer {}", self.name),
+                )
+            })
+    }
+
+    fn piece_error(&self, hash: &str, e: PieceError) -> WireError {
+        let code = match &e {
+            PieceError::PastEnd { .. } => ErrorCode::BadRequest,
+            // Not found here any more: the downloader should take the piece from another
+            // holder.
+            PieceError::Escaped | PieceError::Changed => ErrorCode::NotFound,
+            PieceError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+            PieceError::Io(_) => ErrorCode::Internal,
+        };
+        WireError::new(code, format!("file {hash} on peer {}: {e}", self.name))
+    }
+
+    /// Walks the share again and tells the index what changed. Returns the changes.
+    pub async fn rescan_share(&self) -> Changes {
+        let Some(share) = &self.share else {
+            return Changes::default();
+        };
+        match share.rescan().await {
+            Ok(changes) => {
+                if !changes.is_empty() {
+                    tracing::info!(
+                        "share changed: {} files added or changed, {} removed",
+                        changes.added.len(),
+                        changes.removed.len()
+                    );
+                    self.tell_index(&changes).await;
+                }
+                changes
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot rescan the share directory {}: {e}",
+                    share.root().display()
+                );
+                Changes::default()
+            }
+        }
+    }
+
+    /// Sends share changes to the index, if a lease is held. Without one there is nothing
+    /// to do: the next session registers the whole share (and the lease notices a share
+    /// that changed while it was registering).
+    async fn tell_index(&self, changes: &Changes) {
+        let lease = self.lease.lock().expect("lease lock").clone();
+        let Some(lease) = lease else {
+            return;
+        };
+        let mut reqs = Vec::new();
+        if !changes.added.is_empty() {
+            reqs.push(Request::RegisterFiles {
+                auth: lease.auth.clone(),
+                files: changes.added.clone(),
+                replace: false,
+            });
+        }
+        if !changes.removed.is_empty() {
+            reqs.push(Request::UnregisterFiles {
+                auth: lease.auth.clone(),
+                hashes: changes.removed.clone(),
+            });
+        }
+        for req in reqs {
+            let kind = req.kind();
+            match lease.conn.request(req, false).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::Unsupported) => {
+                    tracing::debug!("the index does not take file lists: {e}");
+                }
+                // A lost connection is noticed by the lease, which registers everything again.
+                Err(e) => tracing::warn!("cannot send {kind} to the index: {e}"),
+            }
+        }
+    }
+
+    /// Serves [`Request::Fetch`]: downloads a file into the share and offers it.
+    async fn fetch(&self, key: String, output: Option<String>) -> Result<Response, WireError> {
+        let Some(share) = self.share.clone() else {
+            return Err(self.no_share());
+        };
+        if let Some(f) = share.find(&key) {
+            return self.fetched(&share, f, Vec::new(), output).await;
+        }
+        let hit = self.client.lookup_file(&key).await.map_err(relay)?;
+        if let Some(f) = share.get(&hit.hash) {
+            return self.fetched(&share, f, Vec::new(), output).await;
+        }
+        let rel = share_path(&hit.name).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "file name '{}' cannot be used as a path inside peer {}'s share",
+                    hit.name, self.name
+                ),
+            )
+        })?;
+        let dest = share.root().join(rel);
+        if tokio::fs::symlink_metadata(&dest).await.is_ok() {
+            return Err(self.name_taken(&hit.name));
+        }
+        // Downloaded under the hidden partial directory, which scans skip, and moved into
+        // place whole, so a rescan never offers a half-written file.
+        let n = self.next_download.fetch_add(1, Ordering::Relaxed);
+        let partial =
+            share
+                .root()
+                .join(PARTIAL_DIR)
+                .join(format!("{}-{}-{n}", hit.hash, std::process::id()));
+        tracing::info!(
+            "downloading '{}' ({} bytes) into {}",
+            hit.name,
+            hit.size,
+            dest.display()
+        );
+        let report = self
+            .client
+            .download(&hit.hash, &partial, None)
+            .await
+            .map_err(|e| {
+                let w = relay(e);
+                WireError::new(
+                    w.code,
+                    format!("peer {} could not download '{}': {w}", self.name, hit.name),
+                )
+            })?;
+        let (root, from, to) = (share.root().to_path_buf(), partial.clone(), dest.clone());
+        let placed = tokio::task::spawn_blocking(move || place(&root, &from, &to))
+            .await
+            .map_err(internal)?;
+        if let Err(e) = placed {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(match e {
+                Place::Taken => self.name_taken(&hit.name),
+                Place::Outside => WireError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "'{}' would land outside peer {}'s share through a symlinked directory",
+                        hit.name, self.name
+                    ),
+                ),
+                Place::Io(e) => WireError::new(
+                    ErrorCode::Internal,
+                    format!("peer {} cannot store {}: {e}", self.name, dest.display()),
+                ),
+            });
+        }
+        tracing::info!(
+            "downloaded '{}' from {}",
+            hit.name,
+            report.sources.join(", ")
+        );
+        // The rescan hashes the new file from disk and registers it at the index.
+        self.rescan_share().await;
+        let f = share.get(&report.hash).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::Internal,
+                format!(
+                    "peer {} downloaded {} but did not find it in its share afterwards",
+                    self.name,
+                    dest.display()
+                ),
+            )
+        })?;
+        self.fetched(&share, f, report.sources, output).await
+    }
+
+    /// The answer to a fetch of `f`, after copying it to `output` if asked.
+    async fn fetched(
+        &self,
+        share: &Share,
+        f: Arc<SharedFile>,
+        sources: Vec<String>,
+        output: Option<String>,
+    ) -> Result<Response, WireError> {
+        let path = match output {
+            Some(out) => {
+                let (root, from, to) = (
+                    share.root().to_path_buf(),
+                    f.path.clone(),
+                    PathBuf::from(&out),
+                );
+                let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    // Same rule as serving: never copy something that now resolves outside.
+                    let resolved = std::fs::canonicalize(&from)?;
+                    if !resolved.starts_with(&root) {
+                        return Err(std::io::Error::other(
+                            "the shared file now resolves outside the share directory",
+                        ));
+                    }
+                    std::fs::copy(&resolved, &to).map(|_| ())
+                })
+                .await
+                .map_err(internal)?;
+                copied.map_err(|e| {
+                    WireError::new(
+                        ErrorCode::BadRequest,
+                        format!("peer {} cannot write {out}: {e}", self.name),
+                    )
+                })?;
+                out
+            }
+            None => f.path.display().to_string(),
+        };
+        Ok(Response::Fetched(FetchReport {
+            name: f.entry.name.clone(),
+            hash: f.entry.hash.clone(),
+            size: f.entry.size,
+            sources,
+            path,
+        }))
+    }
+
+    fn no_share(&self) -> WireError {
+        WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "peer {} has no share directory (--share) to download into",
+                self.name
+            ),
+        )
+    }
+
+    fn name_taken(&self, name: &str) -> WireError {
+        WireError::new(
+            ErrorCode::Exists,
+            format!(
+                "peer {} already has a different file named '{name}' in its share",
+                self.name
+            ),
+        )
     }
 
     async fn create_topic(
@@ -687,6 +982,66 @@ impl Service for PeerService {
                     conn.reply(id, r).await;
                 });
             }
+            Request::FileManifest { hash } => {
+                let r = node
+                    .shared(&hash)
+                    .map(|f| Response::Manifest(f.manifest.clone()));
+                conn.reply(id, r).await;
+            }
+            Request::ReadPiece { hash, index } => match node.shared(&hash) {
+                Ok(f) => {
+                    // Disk reads happen in a task so this connection keeps reading requests
+                    // (a downloader pipelines several pieces).
+                    let (node, conn) = (node.clone(), conn.clone());
+                    tokio::spawn(async move {
+                        let share = node.share.as_ref().expect("a shared file implies a share");
+                        let r = share
+                            .read_piece(f, index)
+                            .await
+                            .map(Response::Piece)
+                            .map_err(|e| node.piece_error(&hash, e));
+                        conn.reply(id, r).await;
+                    });
+                }
+                Err(e) => {
+                    conn.reply(id, Err(e)).await;
+                }
+            },
+            Request::SearchFiles { pattern } => {
+                conn.reply(id, Ok(Response::Files(node.search_share(&pattern))))
+                    .await;
+            }
+            Request::LookupFile { key } => {
+                match node.share.as_ref().and_then(|s| s.find(&key)) {
+                    Some(f) => {
+                        conn.reply(id, Ok(Response::Files(vec![node.hit(&f)])))
+                            .await;
+                    }
+                    None => {
+                        // Not here: the index knows who holds it.
+                        let (node, conn) = (node.clone(), conn.clone());
+                        tokio::spawn(async move {
+                            let r = node
+                                .client
+                                .index_request(Request::LookupFile { key })
+                                .await
+                                .map_err(relay);
+                            conn.reply(id, r).await;
+                        });
+                    }
+                }
+            }
+            Request::Fetch { key, output } => {
+                if node.share.is_none() {
+                    conn.reply(id, Err(node.no_share())).await;
+                } else {
+                    let (node, conn) = (node.clone(), conn.clone());
+                    tokio::spawn(async move {
+                        let r = node.fetch(key, output).await;
+                        conn.reply(id, r).await;
+                    });
+                }
+            }
             req @ (Request::ListPeers
             | Request::LookupTopic { .. }
             | Request::ListTopics { .. }) => {
@@ -710,6 +1065,71 @@ impl Service for PeerService {
             }
         }
     }
+}
+
+/// `name` (a file name as the index gives it, `/`-separated) as a path relative to the
+/// share root, or `None` when it could climb out of the share or into the partial directory.
+fn share_path(name: &str) -> Option<PathBuf> {
+    let mut p = PathBuf::new();
+    for (i, c) in name.split('/').enumerate() {
+        let bad = c.is_empty()
+            || c == "."
+            || c == ".."
+            || c.contains(['\\', '\0'])
+            || (i == 0 && c == PARTIAL_DIR);
+        if bad {
+            return None;
+        }
+        p.push(c);
+    }
+    Some(p)
+}
+
+/// Why a finished download could not be moved into place.
+enum Place {
+    /// Something appeared at the destination meanwhile.
+    Taken,
+    /// A directory on the way is a symlink out of the share.
+    Outside,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for Place {
+    fn from(e: std::io::Error) -> Self {
+        Place::Io(e)
+    }
+}
+
+/// Moves a verified download from the partial directory to `dest`, creating directories,
+/// but never through a symlink that leads out of `root`.
+fn place(root: &Path, partial: &Path, dest: &Path) -> Result<(), Place> {
+    let parent = dest.parent().unwrap_or(root);
+    // Check the deepest existing ancestor before creating anything below it, so no
+    // directory is created outside the share either.
+    let mut existing = parent;
+    while std::fs::symlink_metadata(existing).is_err() {
+        existing = existing.parent().unwrap_or(root);
+    }
+    if !std::fs::canonicalize(existing)?.starts_with(root) {
+        return Err(Place::Outside);
+    }
+    std::fs::create_dir_all(parent)?;
+    if !std::fs::canonicalize(parent)?.starts_with(root) {
+        return Err(Place::Outside);
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(Place::Taken);
+    }
+    if std::fs::rename(partial, dest).is_err() {
+        // A subdirectory may be another file system; copying works across them.
+        std::fs::copy(partial, dest)?;
+        std::fs::remove_file(partial)?;
+    }
+    if let Some(dir) = partial.parent() {
+        // Only succeeds once the partial directory is empty, which keeps the share tidy.
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
 }
 
 /// Streams a topic to a connection from `pos`, committing as it goes, until stopped, the

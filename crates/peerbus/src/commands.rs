@@ -238,11 +238,108 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Files { peer } => {
+            let hits = client.peer_files(&peer, "").await?;
+            print_hits(&mut out, json, &hits)?;
+        }
+        Command::Search {
+            pattern,
+            distributed,
+        } => {
+            let hits = if distributed {
+                client.search_files_distributed(&pattern).await?
+            } else {
+                client.search_files(&pattern).await?
+            };
+            print_hits(&mut out, json, &hits)?;
+        }
+        Command::Get { key, output, peer } => {
+            let report = match peer {
+                Some(addr) => {
+                    let req = peerbus_proto::Request::Fetch {
+                        key: key.clone(),
+                        output: output
+                            .map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string()),
+                    };
+                    match client.request_at(&addr, req, false).await? {
+                        peerbus_proto::Response::Fetched(r) => peerbus_client::DownloadReport {
+                            name: r.name,
+                            hash: r.hash,
+                            size: r.size,
+                            sources: r.sources,
+                            path: r.path.into(),
+                        },
+                        other => bail!("peer {addr} answered {other:?} to a fetch"),
+                    }
+                }
+                None => {
+                    let hit = client.lookup_file(&key).await?;
+                    let dest = output.unwrap_or_else(|| {
+                        let base = hit.name.rsplit('/').next().unwrap_or(&hit.name);
+                        std::path::PathBuf::from(base)
+                    });
+                    let bar = crate::progress::DownloadBar::new();
+                    let r = client.download(&hit.hash, &dest, Some(bar.clone())).await;
+                    bar.finish();
+                    r?
+                }
+            };
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"name": report.name, "size": report.size, "hash": report.hash,
+                           "sources": report.sources, "path": report.path.display().to_string()})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "downloaded file '{}' ({} bytes, blake3 {}) from {} to {}",
+                    report.name,
+                    report.size,
+                    report.hash,
+                    if report.sources.is_empty() {
+                        "a copy already held".to_string()
+                    } else {
+                        report.sources.join(", ")
+                    },
+                    report.path.display()
+                )?;
+            }
+        }
         Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => {
             unreachable!("node commands are run by nodes::run")
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn print_hits(
+    out: &mut impl Write,
+    json: bool,
+    hits: &[peerbus_client::FileHit],
+) -> std::io::Result<()> {
+    for h in hits {
+        let addrs: Vec<&str> = h.peers.iter().map(|p| p.addr.as_str()).collect();
+        if json {
+            writeln!(
+                out,
+                "{}",
+                json!({"name": h.name, "size": h.size, "hash": h.hash, "peers": addrs})
+            )?;
+        } else {
+            let names: Vec<&str> = h.peers.iter().map(|p| p.name.as_str()).collect();
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}",
+                h.name,
+                h.size,
+                h.hash,
+                names.join(",")
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 mod commands;
 mod logging;
 mod nodes;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,9 @@ pub enum Command {
         /// Lease TTL in seconds; a peer silent this long is marked inactive.
         #[arg(long, default_value_t = 30)]
         ttl: u64,
+        /// Keep every file on this many live peers, asking peers to fetch copies.
+        #[arg(long)]
+        replication: Option<u32>,
     },
     /// Run a peer node.
     Peer {
@@ -78,6 +82,9 @@ pub enum Command {
         /// When a publish is acknowledged: sync (after fsync), os, or memory.
         #[arg(long, default_value = "sync")]
         durability: peerbus_peer::Durability,
+        /// Share every file under this directory (hashed at start, rescanned while running).
+        #[arg(long)]
+        share: Option<PathBuf>,
     },
     /// Run an index and N peers in one process on loopback.
     Up {
@@ -142,6 +149,31 @@ pub enum Command {
     },
     /// List every peer the index knows.
     Peers,
+    /// A peer's own file index, asked of the peer directly.
+    Files {
+        /// The peer's address.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Find files by name (case-insensitive substring).
+    Search {
+        /// Part of the name.
+        pattern: String,
+        /// Ask every active peer for its own index instead of the index server.
+        #[arg(long)]
+        distributed: bool,
+    },
+    /// Download a file by name or hash from every peer holding it.
+    Get {
+        /// File name or BLAKE3 hash.
+        key: String,
+        /// Where to write it (default: the file's name in the current directory).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Ask this peer to download it into its share directory instead.
+        #[arg(long)]
+        peer: Option<String>,
+    },
 }
 
 /// Topic commands.

@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ref listen,
             ref data,
             ttl,
+            replication,
         } => {
             let dir = data_dir(data, PathBuf::from("peerbus-data/index"));
             logging::init(
@@ -70,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = IndexConfig::new(listen.clone());
             config.data = dir;
             config.ttl = Duration::from_secs(ttl.max(1));
+            config.replication = replication;
             config.token = cli.auth_token.clone();
             config.trace_messages = cli.trace_messages;
             let index = Index::start(config, shutdown.clone()).await?;
@@ -86,6 +88,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ref data,
             ref name,
             durability,
+            ref share,
         } => {
             let port = listen.rsplit(':').next().unwrap_or("0");
             let default_dir = PathBuf::from("peerbus-data")
@@ -107,7 +110,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config.name = name.clone();
             config.token = cli.auth_token.clone();
             config.trace_messages = cli.trace_messages;
+            config.share = share.clone();
+            let bar = crate::progress::hashing_bar();
+            if let Some(bar) = &bar {
+                let bar = bar.clone();
+                config.hash_progress = Some(std::sync::Arc::new(move |done: u64, total: u64| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }));
+            }
             let peer = Peer::start(config, shutdown.clone()).await?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             eprintln!("peerbus peer {} listening on {}", peer.name(), peer.addr());
             stop_signal().await;
             tracing::info!("stopping peer {}", peer.name());

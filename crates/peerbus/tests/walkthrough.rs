@@ -415,3 +415,94 @@ fn bad_usage_exits_2_and_unreachable_index_exits_1() {
     let e = fails(&format!("127.0.0.1:{port}"), &["peers"]);
     assert!(e.contains("cannot reach"), "{e}");
 }
+
+#[test]
+fn napster_walkthrough_share_get_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    std::fs::create_dir_all(dir.path().join("b-share")).unwrap();
+    std::fs::create_dir_all(dir.path().join("a-share")).unwrap();
+    std::fs::write(dir.path().join("b-share/notes.txt"), "text file\n").unwrap();
+    let binary: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("b-share/photo.bin"), &binary).unwrap();
+
+    let index = spawn(&["index", "--listen", "127.0.0.1:0", "--data", &d("index")]);
+    let ix = index.addr.clone();
+    let a = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "A",
+        "--data",
+        &d("a"),
+        "--share",
+        &d("a-share"),
+    ]);
+    let mut b = spawn(&[
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "B",
+        "--data",
+        &d("b"),
+        "--share",
+        &d("b-share"),
+    ]);
+    wait_for("B's files at the index", Duration::from_secs(20), || {
+        ok(&ix, &["search", "."]).lines().count() == 2
+    });
+    let hits: Vec<Value> = ok(&ix, &["--json", "search", "PHOTO"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0]["name"], "photo.bin");
+    assert_eq!(hits[0]["size"], 3_000_000);
+    assert_eq!(hits[0]["peers"][0], b.addr.as_str());
+    assert_eq!(ok(&ix, &["files", "--peer", &b.addr]).lines().count(), 2);
+    assert_eq!(
+        ok(&ix, &["search", "notes", "--distributed"])
+            .lines()
+            .count(),
+        1
+    );
+
+    // A downloads one file from B into its share and then serves it.
+    let got = ok(&ix, &["get", "photo.bin", "--peer", &a.addr]);
+    assert!(
+        got.contains("downloaded file 'photo.bin'") && got.contains("from B"),
+        "{got}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("a-share/photo.bin")).unwrap(),
+        binary
+    );
+    wait_for("A offers its copy", Duration::from_secs(20), || {
+        ok(&ix, &["--json", "search", "photo"]).contains(&a.addr)
+    });
+
+    // B leaves.
+    assert!(sigint(&mut b).success());
+    let peers = peers_json(&ix);
+    assert_eq!(
+        peers.iter().find(|p| p["name"] == "B").unwrap()["active"],
+        false
+    );
+    // A's copy is still found and served; the CLI downloads it itself.
+    let out = dir.path().join("fetched.bin");
+    let got = ok(&ix, &["get", "photo.bin", "-o", &out.display().to_string()]);
+    assert!(got.contains("from A"), "{got}");
+    assert_eq!(std::fs::read(&out).unwrap(), binary);
+    // B's other file has no live holder: a clear error and no file.
+    let e = fails(&ix, &["get", "notes.txt", "-o", &d("notes.txt")]);
+    assert!(e.contains("notes.txt") && e.contains("not found"), "{e}");
+    assert!(!dir.path().join("notes.txt").exists());
+}

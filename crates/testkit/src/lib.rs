@@ -20,6 +20,10 @@ pub struct ClusterOptions {
     pub ttl: Duration,
     /// Durability of every peer.
     pub durability: Durability,
+    /// Give every peer a share directory (see [`Cluster::peer_share`]).
+    pub shares: bool,
+    /// The index's `--replication`.
+    pub replication: Option<u32>,
 }
 
 impl Default for ClusterOptions {
@@ -28,6 +32,8 @@ impl Default for ClusterOptions {
             peers: 3,
             ttl: Duration::from_secs(30),
             durability: Durability::Sync,
+            shares: false,
+            replication: None,
         }
     }
 }
@@ -95,6 +101,7 @@ impl Cluster {
         let mut config = IndexConfig::new(listen);
         config.data = Some(self.dir.path().join("index"));
         config.ttl = self.options.ttl;
+        config.replication = self.options.replication;
         let stop = CancellationToken::new();
         let node = Index::start(config, stop.clone()).await?;
         self.index_addr = node.addr().to_string();
@@ -108,6 +115,13 @@ impl Cluster {
 
     async fn spawn_peer(&self, i: usize, listen: String) -> anyhow::Result<Running<Peer>> {
         let mut config = PeerConfig::new(listen, self.index_addr.clone());
+        if self.options.shares {
+            let share = self.peer_share(i);
+            std::fs::create_dir_all(&share).context("share directory")?;
+            config.share = Some(share);
+            // Tests call for changes explicitly; a fast rescan keeps them short.
+            config.rescan = Duration::from_millis(200);
+        }
         config.data = Some(self.peer_dir(i));
         config.durability = self.options.durability;
         config.name = Some(format!("peer{}", i + 1));
@@ -135,6 +149,22 @@ impl Cluster {
     /// Peer `i`'s name (`peer1`, `peer2`, …).
     pub fn peer_name(&self, i: usize) -> String {
         self.peer_names[i].clone()
+    }
+
+    /// Peer `i`'s share directory (with [`ClusterOptions::shares`]).
+    pub fn peer_share(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("peer{}-share", i + 1))
+    }
+
+    /// Starts one more peer (with a share directory when the cluster has them); returns its
+    /// index for the other methods.
+    pub async fn add_peer(&mut self) -> anyhow::Result<usize> {
+        let i = self.peers.len();
+        let r = self.spawn_peer(i, "127.0.0.1:0".into()).await?;
+        self.peer_addrs.push(r.node.addr().to_string());
+        self.peer_names.push(r.node.name().to_string());
+        self.peers.push(Some(r));
+        Ok(i)
     }
 
     /// Peer `i`'s data directory.
