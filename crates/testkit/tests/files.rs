@@ -20,6 +20,17 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Puts a file into a share the way a careful user does: written beside it, then renamed
+/// in, so the peer never hashes a half-written file.
+fn put(path: &std::path::Path, data: impl AsRef<[u8]>) {
+    let tmp = path.parent().unwrap().parent().unwrap().join(format!(
+        ".incoming-{}",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 async fn wait_for_hit(c: &Client, name: &str, holders: usize) -> FileHit {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -56,7 +67,7 @@ async fn text_and_binary_files_arrive_identical_and_search_finds_them() {
         "hello, peers\n",
     )
     .unwrap();
-    std::fs::write(cluster.peer_share(0).join("big.bin"), &big).unwrap();
+    put(&cluster.peer_share(0).join("big.bin"), &big);
     let hit = wait_for_hit(&c, "big.bin", 1).await;
     assert_eq!(hit.size, big.len() as u64);
     assert_eq!(hit.hash, blake3::hash(&big).to_hex().to_string());
@@ -138,7 +149,7 @@ async fn a_three_source_download_survives_a_source_dying_mid_way() {
     let c = cluster.client();
     let data = bytes(40 * 1024 * 1024, 3);
     for i in 0..3 {
-        std::fs::write(cluster.peer_share(i).join("shared.bin"), &data).unwrap();
+        put(&cluster.peer_share(i).join("shared.bin"), &data);
     }
     let hit = wait_for_hit(&c, "shared.bin", 3).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -174,8 +185,8 @@ async fn a_corrupt_piece_is_detected_and_fetched_again_from_another_source() {
     .unwrap();
     let c = cluster.client();
     let data = bytes(8 * 1024 * 1024, 11);
-    std::fs::write(cluster.peer_share(0).join("f.bin"), &data).unwrap();
-    std::fs::write(cluster.peer_share(1).join("f.bin"), &data).unwrap();
+    put(&cluster.peer_share(0).join("f.bin"), &data);
+    put(&cluster.peer_share(1).join("f.bin"), &data);
     let hit = wait_for_hit(&c, "f.bin", 2).await;
     // Flip bytes in peer2's copy in place (same length, so its listing stays until a
     // rescan notices): every piece it serves from there on fails verification.
@@ -208,11 +219,10 @@ async fn a_corrupt_piece_is_detected_and_fetched_again_from_another_source() {
 async fn with_no_source_left_the_download_fails_and_leaves_no_file() {
     let mut cluster = Cluster::start_with(shares(1)).await.unwrap();
     let c = cluster.client();
-    std::fs::write(
-        cluster.peer_share(0).join("x.bin"),
+    put(
+        &cluster.peer_share(0).join("x.bin"),
         bytes(4 * 1024 * 1024, 5),
-    )
-    .unwrap();
+    );
     let hit = wait_for_hit(&c, "x.bin", 1).await;
     cluster.stop_peer(0).await;
     let out = tempfile::tempdir().unwrap();
@@ -244,7 +254,7 @@ async fn replication_reaches_two_holders_and_repairs_after_a_holder_leaves() {
     .unwrap();
     let c = cluster.client();
     let data = bytes(3 * 1024 * 1024, 9);
-    std::fs::write(cluster.peer_share(0).join("r.bin"), &data).unwrap();
+    put(&cluster.peer_share(0).join("r.bin"), &data);
     let hit = wait_for_hit(&c, "r.bin", 2).await;
     let holders: Vec<String> = hit.peers.iter().map(|p| p.name.clone()).collect();
     assert_eq!(holders.len(), 2);
