@@ -139,6 +139,15 @@ impl Client {
             .insert(loc.topic.clone(), loc.addr.clone());
     }
 
+    fn cached_host(&self, topic: &str) -> Option<String> {
+        self.inner
+            .locations
+            .lock()
+            .expect("locations lock")
+            .get(topic)
+            .cloned()
+    }
+
     fn forget(&self, topic: &str) {
         self.inner
             .locations
@@ -202,13 +211,7 @@ impl Client {
     /// and once more when the cached host says it no longer hosts the topic.
     pub async fn topic_request(&self, topic: &str, req: Request) -> Result<Response> {
         peerbus_proto::validate_topic(topic)?;
-        let cached = self
-            .inner
-            .locations
-            .lock()
-            .expect("locations lock")
-            .get(topic)
-            .cloned();
+        let cached = self.cached_host(topic);
         let addr = match cached {
             Some(a) => a,
             None => self.lookup(topic).await?.addr,
@@ -369,13 +372,7 @@ impl Client {
         };
         let mut tried_lookup = false;
         loop {
-            let cached = self
-                .inner
-                .locations
-                .lock()
-                .expect("locations lock")
-                .get(topic)
-                .cloned();
+            let cached = self.cached_host(topic);
             let addr = match cached {
                 Some(a) => a,
                 None => {

@@ -74,11 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .create_topic(&name, peer.as_deref(), retention)
                     .await?;
                 if json {
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"topic": loc.topic, "peer": loc.peer_name, "addr": loc.addr})
-                    )?;
+                    print_location(&mut out, &loc)?;
                 } else {
                     writeln!(
                         out,
@@ -101,11 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(TopicCommand::List { prefix }) => {
             for t in client.list_topics(prefix.as_deref()).await? {
                 if json {
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr})
-                    )?;
+                    print_location(&mut out, &t)?;
                 } else {
                     writeln!(out, "{}\t{}\t{}", t.topic, t.peer_name, t.addr)?;
                 }
@@ -114,11 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(TopicCommand::Lookup { name }) => {
             let t = client.lookup(&name).await?;
             if json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr})
-                )?;
+                print_location(&mut out, &t)?;
             } else {
                 writeln!(out, "{} {}", t.peer_name, t.addr)?;
             }
@@ -313,6 +301,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+fn print_location(out: &mut impl Write, t: &peerbus_client::TopicLocation) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        json!({"topic": t.topic, "peer": t.peer_name, "addr": t.addr})
+    )
 }
 
 fn print_hits(
