@@ -1,6 +1,7 @@
 //! Requests to the index: registry operations answered locally, topic operations forwarded
 //! to the hosting peer.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,6 +54,14 @@ fn relay(result: Result<Response, ClientError>) -> Result<Response, WireError> {
     }
 }
 
+/// The answer about a participant that is not registered, worded as gateways show it.
+fn participant_not_found(name: &str) -> WireError {
+    WireError::new(
+        ErrorCode::NotFound,
+        format!("peer '{name}' is not registered"),
+    )
+}
+
 /// A fetch the replication loop asks of a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ask {
@@ -77,6 +86,10 @@ pub(crate) struct IndexService {
     /// at its next tick. A `Notify` keeps one wakeup while the loop is busy, so a burst of
     /// changes costs one round, not one each.
     pub(crate) changed: Notify,
+    /// Participants registered through HTTP gateways ("light peers" that host nothing).
+    /// Kept here rather than at each gateway so every node answers the same; not persisted,
+    /// as gateway clients re-register after an index restart.
+    participants: Mutex<BTreeSet<String>>,
 }
 
 impl IndexService {
@@ -88,6 +101,7 @@ impl IndexService {
             ttl,
             forwards: TaskTracker::new(),
             changed: Notify::new(),
+            participants: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -404,6 +418,25 @@ impl IndexService {
                 ErrorCode::Unsupported,
                 "send fetch to the peer that should download",
             )),
+            Request::RegisterParticipant { name } => self.register_participant(name),
+            Request::UnregisterParticipant { name } => {
+                if self.participants().remove(&name) {
+                    tracing::info!("participant {name} unregistered");
+                    Ok(Response::Ok)
+                } else {
+                    Err(participant_not_found(&name))
+                }
+            }
+            Request::ListParticipants => Ok(Response::Participants(
+                self.participants().iter().cloned().collect(),
+            )),
+            Request::ParticipantExists { name } => {
+                if self.participants().contains(&name) {
+                    Ok(Response::Ok)
+                } else {
+                    Err(participant_not_found(&name))
+                }
+            }
             req => match req.hosted_topic() {
                 Some(topic) => match self.read(|reg, _| reg.lookup(topic)) {
                     Ok(loc) => {
@@ -420,6 +453,25 @@ impl IndexService {
             },
         };
         Answer::Now(result)
+    }
+
+    fn participants(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        // A set insert or remove cannot be left half done, so a poisoned lock is consistent.
+        self.participants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register_participant(&self, name: String) -> Result<Response, WireError> {
+        peerbus_proto::validate_subscriber(&name)?;
+        if !self.participants().insert(name.clone()) {
+            return Err(WireError::new(
+                ErrorCode::Exists,
+                format!("peer '{name}' is already registered"),
+            ));
+        }
+        tracing::info!("participant {name} registered");
+        Ok(Response::Ok)
     }
 
     /// Sends `req` to the peer at `addr` in a task of its own, so this connection keeps

@@ -57,6 +57,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: String,
+        /// Address for the HTTP API and dashboard ("off" to serve none).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        http: String,
         #[command(flatten)]
         data: DataArgs,
         /// Lease TTL in seconds; a peer silent this long is marked inactive.
@@ -74,6 +77,9 @@ pub enum Command {
         /// Address other nodes reach this peer on (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
+        /// Address for the HTTP API and dashboard (default: none).
+        #[arg(long)]
+        http: Option<String>,
         #[command(flatten)]
         data: DataArgs,
         /// Peer name (default: saved name, else peer-PORT).

@@ -10,6 +10,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Cli, Command, DataArgs, logging};
 
+/// Prints a line to stdout, ignoring a closed pipe: `peerbus up | head` must still stop
+/// cleanly instead of panicking on its farewell lines.
+macro_rules! say {
+    () => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn level(verbose: u8) -> &'static str {
     match verbose {
         0 => "info",
@@ -58,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Index {
             ref listen,
+            ref http,
             ref data,
             ttl,
             replication,
@@ -76,15 +90,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config.trace_messages = cli.trace_messages;
             let index = Index::start(config, shutdown.clone()).await?;
             eprintln!("peerbus index listening on {}", index.addr());
+            let gateway = if http == "off" {
+                None
+            } else {
+                Some(start_http(http, index.addr().to_string(), "index", &cli, &shutdown).await?)
+            };
             stop_signal().await;
             tracing::info!("stopping the index");
             shutdown.cancel();
             index.wait().await;
+            if let Some(g) = gateway {
+                let _ = g.await;
+            }
             Ok(())
         }
         Command::Peer {
             ref listen,
             ref advertise,
+            ref http,
             ref data,
             ref name,
             durability,
@@ -119,20 +142,93 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     bar.set_position(done);
                 }));
             }
+            // Bound before the peer registers, so the index learns a working HTTP address.
+            let http_listener = match http {
+                Some(addr) => Some(bind_http(addr).await?),
+                None => None,
+            };
+            config.http = http_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string());
             let peer = Peer::start(config, shutdown.clone()).await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
             eprintln!("peerbus peer {} listening on {}", peer.name(), peer.addr());
+            let gateway = http_listener.map(|l| {
+                serve_http(
+                    l,
+                    cli.index.clone(),
+                    peer.name().to_string(),
+                    &cli,
+                    &shutdown,
+                )
+            });
             stop_signal().await;
             tracing::info!("stopping peer {}", peer.name());
             shutdown.cancel();
             peer.wait().await;
+            if let Some(g) = gateway {
+                let _ = g.await;
+            }
             Ok(())
         }
         Command::Up { peers, ref data } => up(&cli, peers, data, shutdown).await,
         _ => unreachable!("client commands are run by commands::run"),
     }
+}
+
+async fn bind_http(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))
+}
+
+async fn bind_http_or_any(
+    addr: &str,
+    host: std::net::IpAddr,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(_) => bind_http(&format!("{host}:0")).await,
+    }
+}
+
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    index: String,
+    node: String,
+    cli: &Cli,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    eprintln!("peerbus {node} serving HTTP and the dashboard on http://{addr}/");
+    let config = peerbus_http::HttpConfig {
+        index,
+        node,
+        token: cli.auth_token.clone(),
+    };
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = peerbus_http::serve(listener, config, shutdown).await {
+            tracing::error!("HTTP server on {addr} failed: {e}");
+        }
+    })
+}
+
+async fn start_http(
+    addr: &str,
+    index: String,
+    node: &str,
+    cli: &Cli,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind_http(addr).await?;
+    Ok(serve_http(listener, index, node.to_string(), cli, shutdown))
 }
 
 async fn up(
@@ -159,6 +255,17 @@ async fn up(
         .with_context(|| format!("cannot start the index on {} (is another peerbus running? set --index to another address)", cli.index))?;
     let index_addr = index.addr();
     let host = index_addr.ip();
+    // HTTP ports sit 80 above the binary ones (7400 → 7480), or anywhere when taken.
+    let http_port = |base: u16| format!("{host}:{}", base as usize + 80);
+    let index_http = bind_http_or_any(&http_port(index_addr.port()), host).await?;
+    let index_http_addr = index_http.local_addr()?;
+    let mut gateways = vec![serve_http(
+        index_http,
+        index_addr.to_string(),
+        "index".into(),
+        cli,
+        &index_stop,
+    )];
     let mut running = Vec::new();
     for i in 0..peers {
         let name = format!("peer{}", i + 1);
@@ -169,6 +276,16 @@ async fn up(
         config.name = Some(name.clone());
         config.token = cli.auth_token.clone();
         config.trace_messages = cli.trace_messages;
+        let peer_http =
+            bind_http_or_any(&http_port(index_addr.port() + 1 + i as u16), host).await?;
+        config.http = Some(peer_http.local_addr()?.to_string());
+        gateways.push(serve_http(
+            peer_http,
+            index_addr.to_string(),
+            name.clone(),
+            cli,
+            &shutdown,
+        ));
         let peer = match Peer::start(config.clone(), shutdown.clone()).await {
             Ok(p) => p,
             Err(peerbus_peer::PeerError::Bind { .. }) => {
@@ -187,30 +304,33 @@ async fn up(
             );
         }
     }
-    println!(
+    say!(
         "peerbus is up: an index and {peers} peers, data in {}",
         data.display()
     );
-    println!("  index  {index_addr}");
+    say!("  index  {index_addr}   dashboard http://{index_http_addr}/");
     for p in &running {
-        println!("  {:<6} {}", p.name(), p.addr());
+        say!("  {:<6} {}", p.name(), p.addr());
     }
-    println!("  logs   {}", data.join("peerbus.log").display());
-    println!();
-    println!("Try, in another terminal:");
-    println!("  peerbus topic create news");
-    println!("  peerbus publish news \"hello\" \"world\"");
-    println!("  peerbus pull news --as alice");
-    println!();
-    println!("Ctrl-C stops everything.");
+    say!("  logs   {}", data.join("peerbus.log").display());
+    say!();
+    say!("Try, in another terminal:");
+    say!("  peerbus topic create news");
+    say!("  peerbus publish news \"hello\" \"world\"");
+    say!("  peerbus pull news --as alice");
+    say!();
+    say!("Ctrl-C stops everything.");
     stop_signal().await;
-    println!("stopping: peers leave the index, then the index stops");
+    say!("stopping: peers leave the index, then the index stops");
     shutdown.cancel();
     for p in running {
         p.wait().await;
     }
     index_stop.cancel();
     index.wait().await;
-    println!("stopped");
+    for g in gateways {
+        let _ = g.await;
+    }
+    say!("stopped");
     Ok(())
 }

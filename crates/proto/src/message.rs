@@ -218,6 +218,26 @@ pub enum Request {
         /// Also write the file here (a path on the peer's machine).
         output: Option<String>,
     },
+    /// Registers a participant (index): a named publisher or subscriber that hosts nothing,
+    /// such as a "light peer" of the HTTP gateway. Kept at the index so every node's gateway
+    /// sees the same participants. Answered [`ErrorCode::Exists`] when already registered.
+    RegisterParticipant {
+        /// The participant's name (a valid subscriber name).
+        name: String,
+    },
+    /// Removes a participant (index); [`ErrorCode::NotFound`] when it is not registered.
+    UnregisterParticipant {
+        /// The participant's name.
+        name: String,
+    },
+    /// Lists every registered participant (index); answered with [`Response::Participants`].
+    ListParticipants,
+    /// Answers [`Response::Ok`] when the participant is registered and
+    /// [`ErrorCode::NotFound`] when not (index).
+    ParticipantExists {
+        /// The participant's name.
+        name: String,
+    },
 }
 
 impl Request {
@@ -263,6 +283,10 @@ impl Request {
             Request::FileManifest { .. } => "file_manifest",
             Request::ReadPiece { .. } => "read_piece",
             Request::Fetch { .. } => "fetch",
+            Request::RegisterParticipant { .. } => "register_participant",
+            Request::UnregisterParticipant { .. } => "unregister_participant",
+            Request::ListParticipants => "list_participants",
+            Request::ParticipantExists { .. } => "participant_exists",
         }
     }
 }
@@ -511,6 +535,8 @@ pub enum Response {
     Piece(Bytes),
     /// Answer to [`Request::Fetch`].
     Fetched(FetchReport),
+    /// Answer to [`Request::ListParticipants`]: the names, sorted.
+    Participants(Vec<String>),
 }
 
 /// A file a peer offers.
