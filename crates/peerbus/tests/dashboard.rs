@@ -3,11 +3,11 @@
 //! path). `PEERBUS_SCREENSHOT=docs/dashboard.png` also saves a screenshot there.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
+mod common;
+
+use common::{Up, peerbus};
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
 
@@ -36,37 +36,16 @@ fn wait_text(tab: &Tab, what: &str, js: &str, ok: impl Fn(&str) -> bool) -> Stri
 
 #[test]
 fn dashboard_shows_the_cluster_and_publishes_through_the_page() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ix = format!("127.0.0.1:{port}");
-    let mut up = Command::cargo_bin("peerbus")
-        .unwrap()
-        .env_remove("PEERBUS_TOKEN")
-        .args(["--index", &ix, "up", "--peers", "3", "--data"])
-        .arg(dir.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut dashboard = None;
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(url) = line.split("dashboard ").nth(1) {
-            dashboard = Some(url.trim().to_string());
-        }
-        if line.starts_with("Ctrl-C") {
-            break;
-        }
-    }
+    let up = Up::start(3);
+    let ix = up.index.clone();
+    let dashboard = up
+        .banner
+        .lines()
+        .find_map(|l| l.split("dashboard ").nth(1))
+        .map(|u| u.trim().to_string());
     let url = dashboard.expect("up prints the dashboard URL");
     let cli = |args: &[&str]| {
-        let out = Command::cargo_bin("peerbus")
-            .unwrap()
+        let out = peerbus()
             .arg("--index")
             .arg(&ix)
             .args(args)
@@ -161,15 +140,6 @@ fn dashboard_shows_the_cluster_and_publishes_through_the_page() {
         std::fs::write(path, &png).unwrap();
     }
 
-    let pid = up.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(up.wait().unwrap().success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let rest = up.stop();
     assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
 }

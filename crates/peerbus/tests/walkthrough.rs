@@ -4,7 +4,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
+mod common;
+
+use common::{Up, peerbus};
 use serde_json::Value;
 
 /// A node process; killed (or asked to stop) when dropped.
@@ -18,14 +20,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn peerbus() -> Command {
-    let mut c = Command::cargo_bin("peerbus").expect("the peerbus binary is built");
-    c.env_remove("PEERBUS_INDEX")
-        .env_remove("PEERBUS_TOKEN")
-        .env("RUST_LOG", "info");
-    c
 }
 
 /// Starts a node and reads its address from the "listening on ADDR" line it prints.
@@ -148,6 +142,8 @@ fn classic_walkthrough() {
     let index = spawn(&[
         "index",
         "--listen",
+        "127.0.0.1:0",
+        "--http",
         "127.0.0.1:0",
         "--data",
         &d("index"),
@@ -284,6 +280,8 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
         "index",
         "--listen",
         "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
         "--data",
         &d("index"),
         "--ttl",
@@ -346,32 +344,8 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
 
 #[test]
 fn up_starts_a_cluster_and_stops_cleanly_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    // Pick a free port for the index by binding and releasing it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ix = format!("127.0.0.1:{port}");
-    let mut child = peerbus()
-        .args(["--index", &ix, "up", "--peers", "3", "--data"])
-        .arg(dir.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut banner = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        banner.push_str(&line);
-        banner.push('\n');
-        if line.starts_with("Ctrl-C") {
-            break;
-        }
-    }
+    let up = Up::start(3);
+    let (ix, banner) = (up.index.clone(), up.banner.clone());
     assert!(banner.contains(&format!("index  {ix}")), "{banner}");
     for p in ["peer1", "peer2", "peer3"] {
         assert!(banner.contains(p), "{banner}");
@@ -387,20 +361,9 @@ fn up_starts_a_cluster_and_stops_cleanly_on_ctrl_c() {
     ok(&ix, &["topic", "create", "hello"]);
     ok(&ix, &["publish", "hello", "there"]);
     assert_eq!(ok(&ix, &["pull", "hello", "--as", "me"]), "there\n");
-
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "up exits 0 on Ctrl-C: {status:?}");
-    let rest: String = lines.map_while(Result::ok).collect::<Vec<_>>().join("\n");
-    assert!(rest.contains("stopped"), "{rest}");
-    assert!(dir.path().join("data/peerbus.log").exists());
+    assert!(up.data().join("peerbus.log").exists());
+    let rest = up.stop();
+    assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
 }
 
 #[test]
@@ -428,7 +391,15 @@ fn napster_walkthrough_share_get_leave() {
         .collect();
     std::fs::write(dir.path().join("b-share/photo.bin"), &binary).unwrap();
 
-    let index = spawn(&["index", "--listen", "127.0.0.1:0", "--data", &d("index")]);
+    let index = spawn(&[
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data",
+        &d("index"),
+    ]);
     let ix = index.addr.clone();
     let a = spawn(&[
         "--index",
