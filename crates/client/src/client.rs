@@ -20,6 +20,12 @@ use crate::subscription::Subscription;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Messages one automatic publish batch carries at most.
 const MAX_BATCH_MESSAGES: usize = 1 << 18;
+/// First pause before resending an automatic batch to a host that could not be reached.
+const RESEND_FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between resends of an automatic batch.
+const RESEND_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an automatic batch keeps being resent before its messages fail.
+const RESEND_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A peerbus client. It asks the index where topics live, caches the answers, and talks to
 /// hosting peers directly over pipelined connections. Cheap to clone; clones share
@@ -38,6 +44,9 @@ struct Inner {
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     locations: Mutex<HashMap<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
+    /// This client's idempotent producer id: random, so that two clients (or one client
+    /// after a restart) never share a sequence on a host.
+    producer: u64,
 }
 
 fn unexpected(addr: &str, what: &Response) -> ClientError {
@@ -63,6 +72,7 @@ impl Client {
                 conns: Mutex::new(HashMap::new()),
                 locations: Mutex::new(HashMap::new()),
                 batchers: Mutex::new(HashMap::new()),
+                producer: rand::random(),
             }),
         }
     }
@@ -218,8 +228,9 @@ impl Client {
         };
         match self.request_at(&addr, req.clone(), false).await {
             Err(e) if e.code() == Some(ErrorCode::NotHost) || e.is_unreachable() => {
-                // Only retry what cannot have been stored: NotHost was refused before any
-                // work, and an unreachable node never got the request or is gone.
+                // Only retry what cannot be stored twice: NotHost was refused before any
+                // work, an unreachable node never got the request or is gone, and an
+                // idempotent publish is de-duplicated by its host.
                 if matches!(req, Request::Publish { .. })
                     && !matches!(e.code(), Some(ErrorCode::NotHost))
                 {
@@ -282,7 +293,7 @@ impl Client {
 
     async fn drain(self, topic: String, batcher: Arc<Batcher>) {
         loop {
-            let (payloads, acks) = {
+            let (payloads, acks, sequence) = {
                 let mut st = batcher.state.lock().expect("batcher lock");
                 if st.queue.is_empty() {
                     st.in_flight = false;
@@ -303,9 +314,13 @@ impl Client {
                     payloads.push(p);
                     acks.push(a);
                 }
-                (payloads, acks)
+                // One batch in flight per topic, so sequences reach the host in order.
+                let sequence = st.next_sequence;
+                st.next_sequence += 1;
+                (payloads, acks, sequence)
             };
-            match self.publish_batch(&topic, &payloads).await {
+            let batch = Batch::from_payloads(&payloads);
+            match self.publish_idempotent(&topic, batch, sequence).await {
                 Ok(first) => {
                     for (i, a) in acks.into_iter().enumerate() {
                         let _ = a.send(Ok(first + i as u64));
@@ -316,6 +331,38 @@ impl Client {
                         let _ = a.send(Err(e.clone()));
                     }
                 }
+            }
+        }
+    }
+
+    /// Publishes `batch` as sequence `sequence` of this client's producer, resending the same
+    /// batch with the same sequence while the host cannot be reached or moved: the host
+    /// answers a resend of a batch it already stored with the offsets it got, so a lost
+    /// acknowledgement never duplicates messages.
+    async fn publish_idempotent(&self, topic: &str, batch: Batch, sequence: u64) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + RESEND_DEADLINE;
+        let mut backoff = RESEND_FIRST_BACKOFF;
+        loop {
+            let req = Request::PublishIdempotent {
+                topic: topic.to_string(),
+                batch: batch.clone(),
+                producer: self.inner.producer,
+                sequence,
+            };
+            match self.topic_request(topic, req).await {
+                Ok(Response::Published { first_offset, .. }) => return Ok(first_offset),
+                Ok(other) => return Err(unexpected(topic, &other)),
+                Err(e)
+                    if (e.is_unreachable() || e.code() == Some(ErrorCode::NotHost))
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!("resending batch {sequence} to topic '{topic}': {e}");
+                    // The host may have moved; ask the index again on the next try.
+                    self.forget(topic);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RESEND_MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -459,6 +506,8 @@ type Ack = oneshot::Sender<Result<u64>>;
 #[derive(Debug, Default)]
 struct BatchState {
     in_flight: bool,
+    /// Sequence number of the next batch this client's producer sends to the topic.
+    next_sequence: u64,
     queue: VecDeque<(Bytes, Ack)>,
 }
 

@@ -54,6 +54,13 @@ pub struct IndexConfig {
     /// are fetched by other live peers at the index's request. `None` (or less than 2)
     /// leaves copies to the peers.
     pub replication: Option<u32>,
+    /// Connections served at once; more are refused with "too many connections".
+    pub max_connections: usize,
+    /// How long a new connection may take to say hello before it is refused.
+    pub hello_timeout: Duration,
+    /// How long a connection that has sent no request since its hello may stay silent
+    /// before it is closed (see [`peerbus_net::ServerConfig::idle_timeout`]).
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for IndexConfig {
@@ -66,6 +73,9 @@ impl std::fmt::Debug for IndexConfig {
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("trace_messages", &self.trace_messages)
             .field("replication", &self.replication)
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -81,6 +91,9 @@ impl IndexConfig {
             token: None,
             trace_messages: false,
             replication: None,
+            max_connections: peerbus_net::DEFAULT_MAX_CONNECTIONS,
+            hello_timeout: peerbus_net::DEFAULT_HELLO_TIMEOUT,
+            idle_timeout: peerbus_net::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -212,6 +225,9 @@ impl Index {
         let mut server_config = ServerConfig::new(NodeKind::Index);
         server_config.token = config.token.clone();
         server_config.trace_messages = config.trace_messages;
+        server_config.max_connections = config.max_connections;
+        server_config.hello_timeout = config.hello_timeout;
+        server_config.idle_timeout = config.idle_timeout;
         let server = tokio::spawn(peerbus_net::serve(
             listener,
             service.clone(),

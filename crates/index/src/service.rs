@@ -438,7 +438,12 @@ impl IndexService {
                 }
             }
             req => match req.hosted_topic() {
-                Some(topic) => match self.read(|reg, _| reg.lookup(topic)) {
+                // The name is checked before the lookup, so the client hears what is wrong
+                // with it rather than "not found".
+                Some(topic) => match peerbus_proto::validate_topic(topic)
+                    .map_err(WireError::from)
+                    .and_then(|()| self.read(|reg, _| reg.lookup(topic)))
+                {
                     Ok(loc) => {
                         self.forward(conn, id, loc.addr, req);
                         return Answer::Later;

@@ -17,6 +17,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::writer::{OUTBOX_FRAMES, spawn_writer};
 
+/// Default for [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default for [`ServerConfig::hello_timeout`].
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`ServerConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
 /// How a node's accept loop behaves.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -30,19 +39,26 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection may take to say hello.
     pub hello_timeout: Duration,
+    /// How long a connection that has sent no request since its hello may stay silent
+    /// before it is closed. Connections that have sent a request are never closed for
+    /// idleness: they may hold subscriptions or long-polls that are legitimately quiet,
+    /// and the server cannot tell those apart from forgotten sockets.
+    pub idle_timeout: Duration,
     /// Log every request received, one line each.
     pub trace_messages: bool,
 }
 
 impl ServerConfig {
-    /// Defaults for a node of this kind: no token, 8 MiB frames, 10,000 connections.
+    /// Defaults for a node of this kind: no token, 8 MiB frames, 10,000 connections, 10 s
+    /// to say hello, [`DEFAULT_IDLE_TIMEOUT`] of silence after it.
     pub fn new(node: NodeKind) -> Self {
         ServerConfig {
             node,
             token: None,
             max_frame: peerbus_proto::DEFAULT_MAX_FRAME,
-            max_connections: 10_000,
-            hello_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             trace_messages: false,
         }
     }
@@ -207,9 +223,28 @@ async fn connection<S: Service>(
     }
     tracing::debug!("connection {id} from {remote} open");
 
+    // Only a connection that has never asked anything is timed out for silence: once it
+    // has sent a request it may hold a subscription or long-poll, whose quiet is normal.
+    let mut asked = false;
     loop {
+        let idle = async {
+            if asked {
+                std::future::pending::<()>().await;
+            } else {
+                tokio::time::sleep(config.idle_timeout).await;
+            }
+        };
         let next = tokio::select! {
             f = frames.next() => f,
+            _ = idle => {
+                let err = WireError::new(
+                    ErrorCode::BadRequest,
+                    format!("idle for {} s: closing", config.idle_timeout.as_secs()),
+                );
+                tracing::info!("closing connection {id} from {remote}: {err}");
+                let _ = tx.send(ServerFrame::Refused(err)).await;
+                break;
+            }
             _ = shutdown.cancelled() => break,
         };
         let body = match next {
@@ -230,6 +265,7 @@ async fn connection<S: Service>(
                 forward,
                 body,
             }) => {
+                asked = true;
                 if config.trace_messages {
                     tracing::info!(
                         target: "peerbus::trace",

@@ -85,6 +85,13 @@ pub struct PeerConfig {
     pub rescan: Duration,
     /// Called while [`Peer::start`] hashes the share, e.g. to draw a progress bar.
     pub hash_progress: Option<HashProgress>,
+    /// Connections served at once; more are refused with "too many connections".
+    pub max_connections: usize,
+    /// How long a new connection may take to say hello before it is refused.
+    pub hello_timeout: Duration,
+    /// How long a connection that has sent no request since its hello may stay silent
+    /// before it is closed (see [`peerbus_net::ServerConfig::idle_timeout`]).
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -107,6 +114,9 @@ impl std::fmt::Debug for PeerConfig {
                 "hash_progress",
                 &self.hash_progress.as_ref().map(|_| "<callback>"),
             )
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -130,6 +140,9 @@ impl PeerConfig {
             share: None,
             rescan: DEFAULT_RESCAN,
             hash_progress: None,
+            max_connections: peerbus_net::DEFAULT_MAX_CONNECTIONS,
+            hello_timeout: peerbus_net::DEFAULT_HELLO_TIMEOUT,
+            idle_timeout: peerbus_net::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -233,6 +246,9 @@ impl Peer {
         let mut server_config = ServerConfig::new(NodeKind::Peer);
         server_config.token = config.token.clone();
         server_config.trace_messages = config.trace_messages;
+        server_config.max_connections = config.max_connections;
+        server_config.hello_timeout = config.hello_timeout;
+        server_config.idle_timeout = config.idle_timeout;
         let node = Arc::new(
             Node::open(config, backend, advertise, default_name, share).map_err(|source| {
                 PeerError::Storage {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::LeaseCell;
 use crate::retention::Retained;
 use crate::share::{Changes, PARTIAL_DIR, PieceError, Share, SharedFile};
-use crate::topic::Topic;
+use crate::topic::{Produced, Topic, parse_producer_key, producer_key};
 use crate::{Durability, PeerConfig};
 
 /// Most messages one pull or delivery carries.
@@ -98,6 +98,19 @@ impl Node {
             .unwrap_or(default_name);
         let mut topics = HashMap::new();
         let mut max_id = 0;
+        // Idempotent producers' last batches, by topic id, so a restarted peer still
+        // recognises a resent batch.
+        let mut producers: HashMap<u64, HashMap<u64, Produced>> = HashMap::new();
+        for (k, v) in backend.scan(Table::Meta)? {
+            if let Some((topic_id, producer)) = parse_producer_key(&k) {
+                let p = Produced::decode(&v).ok_or_else(|| {
+                    peerbus_store::StoreError::Corrupt(format!(
+                        "producer {producer} state of topic id {topic_id}"
+                    ))
+                })?;
+                producers.entry(topic_id).or_default().insert(producer, p);
+            }
+        }
         for (tname, meta) in backend.topics()? {
             max_id = max_id.max(meta.id);
             let mut retained = Retained::starting_at(meta.low);
@@ -115,6 +128,8 @@ impl Node {
                 retained,
                 subscribers,
             );
+            topic.state.lock().expect("topic lock").producers =
+                producers.remove(&meta.id).unwrap_or_default();
             tracing::info!(
                 "loaded topic '{tname}': offsets {}..{}",
                 topic.state.lock().expect("topic lock").retained.low(),
@@ -577,13 +592,25 @@ impl Node {
             .remove(topic)
             .ok_or_else(|| WireError::topic_not_found(topic))?;
         t.deleted.cancel();
-        let done = self.writer.submit(
-            vec![Op::DeleteTopic {
-                name: topic.to_string(),
-                id: t.id,
-            }],
-            self.config.durability != Durability::Memory,
+        let mut ops = vec![Op::DeleteTopic {
+            name: topic.to_string(),
+            id: t.id,
+        }];
+        // Producer state lives in `meta`, which DeleteTopic does not touch.
+        ops.extend(
+            t.state
+                .lock()
+                .expect("topic lock")
+                .producers
+                .keys()
+                .map(|&p| Op::Remove {
+                    table: Table::Meta,
+                    key: producer_key(t.id, p),
+                }),
         );
+        let done = self
+            .writer
+            .submit(ops, self.config.durability != Durability::Memory);
         let stored = done.await;
         let lease = self.lease.lock().expect("lease lock").clone();
         if let Some(lease) = lease {
@@ -608,18 +635,17 @@ impl Node {
 
     /// Assigns offsets and queues the batch for storage while holding the topic lock, so the
     /// writer sees batches in offset order. Returns what to await outside the lock.
+    ///
+    /// With `producer` = (producer id, sequence) the batch is idempotent: a repeat of the
+    /// producer's last sequence is not stored again but answered with the offsets it got, and
+    /// the producer's new state is written in the same atomic write as the batch, so after a
+    /// crash either both are stored or neither is.
     fn append(
         &self,
         t: &Arc<Topic>,
         batch: Batch,
-    ) -> Result<
-        (
-            u64,
-            u32,
-            tokio::sync::oneshot::Receiver<peerbus_store::Result<()>>,
-        ),
-        WireError,
-    > {
+        producer: Option<(u64, u64)>,
+    ) -> Result<Appended, WireError> {
         batch
             .check()
             .map_err(|e| WireError::new(ErrorCode::BadRequest, e))?;
@@ -645,6 +671,29 @@ impl Node {
         let now = now_ms();
         let n = batch.len() as u32;
         let mut st = t.state.lock().expect("topic lock");
+        let mut record = None;
+        if let Some((producer, sequence)) = producer {
+            let last = st.producers.get(&producer).copied();
+            match last {
+                Some(p) if p.sequence == sequence => {
+                    return Ok(Appended::Duplicate {
+                        first: p.first,
+                        count: p.count,
+                    });
+                }
+                Some(p) if p.sequence.checked_add(1) != Some(sequence) => {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "out-of-order sequence {sequence} from producer {producer} (expected {})",
+                            p.sequence.wrapping_add(1)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            record = Some((producer, sequence, last));
+        }
         let first = st.retained.next();
         for &len in &batch.lens {
             st.retained.push(len, now);
@@ -655,6 +704,25 @@ impl Node {
             timestamps: vec![now; n as usize],
             batch,
         }];
+        let mut undo = None;
+        if let Some((producer, sequence, previous)) = record {
+            let p = Produced {
+                sequence,
+                first,
+                count: n,
+            };
+            st.producers.insert(producer, p);
+            ops.push(Op::Put {
+                table: Table::Meta,
+                key: producer_key(t.id, producer),
+                value: p.encode(),
+            });
+            undo = Some(Undo {
+                producer,
+                previous,
+                recorded: p,
+            });
+        }
         let min = st.min_committed();
         let cut = st.retained.cutoff(&t.retention, now, min);
         if cut > st.retained.low() {
@@ -662,7 +730,12 @@ impl Node {
             ops.extend(self.truncate_ops(t, cut));
         }
         let rx = self.writer.submit(ops, self.sync());
-        Ok((first, n, rx))
+        Ok(Appended::Queued {
+            first,
+            count: n,
+            rx,
+            undo,
+        })
     }
 
     fn truncate_ops(&self, t: &Topic, below: u64) -> Vec<Op> {
@@ -794,6 +867,88 @@ impl Node {
     }
 }
 
+/// What [`Node::append`] did with a batch.
+pub(crate) enum Appended {
+    /// Offsets assigned and queued for storage; `rx` completes once written.
+    Queued {
+        first: u64,
+        count: u32,
+        rx: tokio::sync::oneshot::Receiver<peerbus_store::Result<()>>,
+        /// For an idempotent batch: how to take back the recorded producer state if the
+        /// write fails, so a resend is stored instead of answered with offsets never stored.
+        undo: Option<Undo>,
+    },
+    /// A resend of the producer's last batch, which got these offsets.
+    Duplicate { first: u64, count: u32 },
+}
+
+/// A producer's state before an idempotent append, to restore when its write fails.
+pub(crate) struct Undo {
+    producer: u64,
+    previous: Option<Produced>,
+    recorded: Produced,
+}
+
+impl Appended {
+    /// Waits until the batch is durable and returns the answer to the publish.
+    async fn finish(self, t: &Topic, conn: &ConnCtx) -> Result<Response, WireError> {
+        match self {
+            Appended::Queued {
+                first,
+                count,
+                rx,
+                undo,
+            } => {
+                let r = match rx.await {
+                    Ok(Ok(())) => {
+                        t.mark_durable(first + u64::from(count));
+                        return Ok(Response::Published {
+                            first_offset: first,
+                            count,
+                        });
+                    }
+                    Ok(Err(e)) => Err(internal(e)),
+                    Err(_) => Err(internal("the storage writer stopped")),
+                };
+                if let Some(u) = undo {
+                    let mut st = t.state.lock().expect("topic lock");
+                    // Only if no later batch of the producer was recorded meanwhile.
+                    if st.producers.get(&u.producer) == Some(&u.recorded) {
+                        match u.previous {
+                            Some(p) => st.producers.insert(u.producer, p),
+                            None => st.producers.remove(&u.producer),
+                        };
+                    }
+                }
+                r
+            }
+            Appended::Duplicate { first, count } => {
+                // The original may still be in the writer's queue: answer only once it is
+                // durable, like the original would have been.
+                let end = first + u64::from(count);
+                let mut rx = t.durable.subscribe();
+                loop {
+                    if *rx.borrow_and_update() >= end {
+                        return Ok(Response::Published {
+                            first_offset: first,
+                            count,
+                        });
+                    }
+                    tokio::select! {
+                        c = rx.changed() => if c.is_err() {
+                            return Err(internal("the topic was dropped"));
+                        },
+                        _ = t.deleted.cancelled() => return Err(WireError::topic_not_found(&t.name)),
+                        _ = conn.closed.cancelled() => {
+                            return Err(WireError::new(ErrorCode::Unavailable, "connection closed"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The peer as a [`Service`] for the accept loop.
 #[derive(Debug)]
 pub(crate) struct PeerService {
@@ -803,6 +958,14 @@ pub(crate) struct PeerService {
 impl Service for PeerService {
     async fn handle(self: &Arc<Self>, conn: &Arc<ConnCtx>, id: u32, forward: bool, req: Request) {
         let node = &self.node;
+        // A name that can never exist is refused before any lookup or forward, so the
+        // client hears what is wrong with it rather than "not found" or "unavailable".
+        if let Some(topic) = req.hosted_topic()
+            && let Err(e) = peerbus_proto::validate_topic(topic)
+        {
+            conn.reply(id, Err(e.into())).await;
+            return;
+        }
         if let Some(topic) = req.hosted_topic()
             && node.topic(topic).is_none()
         {
@@ -825,21 +988,31 @@ impl Service for PeerService {
             }
             Request::Publish { topic, batch } => {
                 let t = node.topic(&topic).expect("checked above");
-                match node.append(&t, batch) {
-                    Ok((first, count, rx)) => {
+                match node.append(&t, batch, None) {
+                    Ok(appended) => {
                         let conn = conn.clone();
                         tokio::spawn(async move {
-                            let r = match rx.await {
-                                Ok(Ok(())) => {
-                                    t.mark_durable(first + u64::from(count));
-                                    Ok(Response::Published {
-                                        first_offset: first,
-                                        count,
-                                    })
-                                }
-                                Ok(Err(e)) => Err(internal(e)),
-                                Err(_) => Err(internal("the storage writer stopped")),
-                            };
+                            let r = appended.finish(&t, &conn).await;
+                            conn.reply(id, r).await;
+                        });
+                    }
+                    Err(e) => {
+                        conn.reply(id, Err(e)).await;
+                    }
+                }
+            }
+            Request::PublishIdempotent {
+                topic,
+                batch,
+                producer,
+                sequence,
+            } => {
+                let t = node.topic(&topic).expect("checked above");
+                match node.append(&t, batch, Some((producer, sequence))) {
+                    Ok(appended) => {
+                        let conn = conn.clone();
+                        tokio::spawn(async move {
+                            let r = appended.finish(&t, &conn).await;
                             conn.reply(id, r).await;
                         });
                     }

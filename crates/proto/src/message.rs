@@ -238,6 +238,21 @@ pub enum Request {
         /// The participant's name.
         name: String,
     },
+    /// Like [`Request::Publish`], but de-duplicated per producer (an idempotent producer):
+    /// the host remembers the last `sequence` each `producer` published to the topic, answers
+    /// a repeat of it with the offsets it already got instead of storing it again, and
+    /// refuses any sequence other than the last or the next with [`ErrorCode::BadRequest`].
+    /// This lets a client resend a batch whose acknowledgement it lost without duplicating it.
+    PublishIdempotent {
+        /// The topic.
+        topic: String,
+        /// The payloads.
+        batch: Batch,
+        /// The producer's id, random per client.
+        producer: u64,
+        /// The batch's number in the producer's sequence for this topic, one more per batch.
+        sequence: u64,
+    },
 }
 
 impl Request {
@@ -246,6 +261,7 @@ impl Request {
         match self {
             Request::DeleteTopic { topic }
             | Request::Publish { topic, .. }
+            | Request::PublishIdempotent { topic, .. }
             | Request::Pull { topic, .. }
             | Request::Unsubscribe { topic, .. }
             | Request::Subscribers { topic }
@@ -287,6 +303,7 @@ impl Request {
             Request::UnregisterParticipant { .. } => "unregister_participant",
             Request::ListParticipants => "list_participants",
             Request::ParticipantExists { .. } => "participant_exists",
+            Request::PublishIdempotent { .. } => "publish_idempotent",
         }
     }
 }

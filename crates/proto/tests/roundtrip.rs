@@ -95,6 +95,14 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         name().prop_map(|topic| Request::DeleteTopic { topic }),
         (name(), batch()).prop_map(|(topic, batch)| Request::Publish { topic, batch }),
+        (name(), batch(), any::<u64>(), any::<u64>()).prop_map(
+            |(topic, batch, producer, sequence)| Request::PublishIdempotent {
+                topic,
+                batch,
+                producer,
+                sequence,
+            }
+        ),
         (
             name(),
             name(),

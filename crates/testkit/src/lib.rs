@@ -24,6 +24,9 @@ pub struct ClusterOptions {
     pub shares: bool,
     /// The index's `--replication`.
     pub replication: Option<u32>,
+    /// `(max_connections, hello_timeout, idle_timeout)` for the index and every peer;
+    /// `None` keeps the production defaults. Small values let tests hit the limits quickly.
+    pub server_limits: Option<(usize, Duration, Duration)>,
 }
 
 impl Default for ClusterOptions {
@@ -34,6 +37,7 @@ impl Default for ClusterOptions {
             durability: Durability::Sync,
             shares: false,
             replication: None,
+            server_limits: None,
         }
     }
 }
@@ -102,6 +106,11 @@ impl Cluster {
         config.data = Some(self.dir.path().join("index"));
         config.ttl = self.options.ttl;
         config.replication = self.options.replication;
+        if let Some((max, hello, idle)) = self.options.server_limits {
+            config.max_connections = max;
+            config.hello_timeout = hello;
+            config.idle_timeout = idle;
+        }
         let stop = CancellationToken::new();
         let node = Index::start(config, stop.clone()).await?;
         self.index_addr = node.addr().to_string();
@@ -125,6 +134,11 @@ impl Cluster {
         config.data = Some(self.peer_dir(i));
         config.durability = self.options.durability;
         config.name = Some(format!("peer{}", i + 1));
+        if let Some((max, hello, idle)) = self.options.server_limits {
+            config.max_connections = max;
+            config.hello_timeout = hello;
+            config.idle_timeout = idle;
+        }
         let stop = CancellationToken::new();
         let node = Peer::start(config, stop.clone()).await?;
         if !node.registered(READY).await {
