@@ -986,41 +986,13 @@ impl Service for PeerService {
             Request::Ping => {
                 conn.reply(id, Ok(Response::Pong)).await;
             }
-            Request::Publish { topic, batch } => {
-                let t = node.topic(&topic).expect("checked above");
-                match node.append(&t, batch, None) {
-                    Ok(appended) => {
-                        let conn = conn.clone();
-                        tokio::spawn(async move {
-                            let r = appended.finish(&t, &conn).await;
-                            conn.reply(id, r).await;
-                        });
-                    }
-                    Err(e) => {
-                        conn.reply(id, Err(e)).await;
-                    }
-                }
-            }
+            Request::Publish { topic, batch } => publish(node, conn, id, &topic, batch, None).await,
             Request::PublishIdempotent {
                 topic,
                 batch,
                 producer,
                 sequence,
-            } => {
-                let t = node.topic(&topic).expect("checked above");
-                match node.append(&t, batch, Some((producer, sequence))) {
-                    Ok(appended) => {
-                        let conn = conn.clone();
-                        tokio::spawn(async move {
-                            let r = appended.finish(&t, &conn).await;
-                            conn.reply(id, r).await;
-                        });
-                    }
-                    Err(e) => {
-                        conn.reply(id, Err(e)).await;
-                    }
-                }
-            }
+            } => publish(node, conn, id, &topic, batch, Some((producer, sequence))).await,
             Request::Pull {
                 topic,
                 subscriber,
@@ -1303,6 +1275,33 @@ fn place(root: &Path, partial: &Path, dest: &Path) -> Result<(), Place> {
         let _ = std::fs::remove_dir(dir);
     }
     Ok(())
+}
+
+/// Appends a batch (plain or from an idempotent producer) and answers once it is durable,
+/// from a task so the connection keeps reading meanwhile.
+async fn publish(
+    node: &Arc<Node>,
+    conn: &Arc<ConnCtx>,
+    id: u32,
+    topic: &str,
+    batch: Batch,
+    producer: Option<(u64, u64)>,
+) {
+    let t = node
+        .topic(topic)
+        .expect("the caller checked this peer hosts it");
+    match node.append(&t, batch, producer) {
+        Ok(appended) => {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let r = appended.finish(&t, &conn).await;
+                conn.reply(id, r).await;
+            });
+        }
+        Err(e) => {
+            conn.reply(id, Err(e)).await;
+        }
+    }
 }
 
 /// Streams a topic to a connection from `pos`, committing as it goes, until stopped, the

@@ -4,59 +4,14 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_addr, peerbus};
+use common::{Node, free_addr, peerbus, spawn};
 use serde_json::Value;
-
-/// A node process; killed when dropped.
-struct Node {
-    child: Child,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Node {
-    /// `kill -9`.
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-/// Starts a node and waits for the "listening on" line it prints.
-fn spawn(args: &[String]) -> Node {
-    let mut child = peerbus()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains("listening on ") {
-                let _ = tx.send(());
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the node prints its address");
-    Node { child }
-}
 
 fn ok(index: &str, args: &[&str]) -> String {
     let out = peerbus()
@@ -237,7 +192,7 @@ fn kill_9_never_loses_or_duplicates_an_acknowledged_message() {
     .map(String::from)
     .to_vec();
     let mut index = spawn(&index_args);
-    let mut peer = spawn(&peer_args(&ix, &d("solo")));
+    let mut peer = spawn(peer_args(&ix, &d("solo")));
     let (id, mut regs) = wait_registered(&ix, 0);
     ok(&ix, &["topic", "create", "t"]);
 
@@ -261,7 +216,7 @@ fn kill_9_never_loses_or_duplicates_an_acknowledged_message() {
                 .map(|(k, &o)| (o, format!("r{round}-{k}"))),
         );
 
-        peer = spawn(&peer_args(&ix, &d("solo")));
+        peer = spawn(peer_args(&ix, &d("solo")));
         let (again, r) = wait_registered(&ix, regs);
         assert_eq!(again, id, "round {round}: the restarted peer keeps its id");
         regs = r;

@@ -1,58 +1,12 @@
 //! End-to-end: the built `peerbus` binary, run exactly as the README tells users.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Up, peerbus};
+use common::{Node, Up, peerbus, spawn};
 use serde_json::Value;
-
-/// A node process; killed (or asked to stop) when dropped.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a node and reads its address from the "listening on ADDR" line it prints.
-fn spawn(args: &[&str]) -> Node {
-    let mut child = peerbus()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if !sent && let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .trim_end_matches(',')
-                    .to_string();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the node prints its address");
-    Node { child, addr }
-}
 
 /// Runs a client command with `input` on its stdin.
 fn with_stdin(args: &[&str], input: String) -> std::process::Output {
@@ -139,7 +93,7 @@ fn sigint(node: &mut Node) -> std::process::ExitStatus {
 fn classic_walkthrough() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let index = spawn(&[
+    let index = spawn([
         "index",
         "--listen",
         "127.0.0.1:0",
@@ -151,7 +105,7 @@ fn classic_walkthrough() {
         "3",
     ]);
     let ix = index.addr.clone();
-    let p1 = spawn(&[
+    let p1 = spawn([
         "--index",
         &ix,
         "peer",
@@ -162,7 +116,7 @@ fn classic_walkthrough() {
         "--data",
         &d("p1"),
     ]);
-    let mut p2 = spawn(&[
+    let mut p2 = spawn([
         "--index",
         &ix,
         "peer",
@@ -276,7 +230,7 @@ fn classic_walkthrough() {
 fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let index = spawn(&[
+    let index = spawn([
         "index",
         "--listen",
         "127.0.0.1:0",
@@ -288,7 +242,7 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
         "2",
     ]);
     let ix = index.addr.clone();
-    let mut p = spawn(&[
+    let mut p = spawn([
         "--index",
         &ix,
         "peer",
@@ -321,7 +275,7 @@ fn a_killed_peer_expires_and_a_restart_keeps_its_identity_and_data() {
     assert!(e.contains("not found"), "{e}");
 
     // Restart from the same data: same id, one more registration, every message served.
-    let _p = spawn(&[
+    let _p = spawn([
         "--index",
         &ix,
         "peer",
@@ -391,7 +345,7 @@ fn napster_walkthrough_share_get_leave() {
         .collect();
     std::fs::write(dir.path().join("b-share/photo.bin"), &binary).unwrap();
 
-    let index = spawn(&[
+    let index = spawn([
         "index",
         "--listen",
         "127.0.0.1:0",
@@ -401,7 +355,7 @@ fn napster_walkthrough_share_get_leave() {
         &d("index"),
     ]);
     let ix = index.addr.clone();
-    let a = spawn(&[
+    let a = spawn([
         "--index",
         &ix,
         "peer",
@@ -414,7 +368,7 @@ fn napster_walkthrough_share_get_leave() {
         "--share",
         &d("a-share"),
     ]);
-    let mut b = spawn(&[
+    let mut b = spawn([
         "--index",
         &ix,
         "peer",

@@ -2,8 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Lines};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
 
@@ -96,4 +98,64 @@ impl Up {
         assert!(status.success(), "up exits 0 on Ctrl-C: {status:?}");
         self.lines.by_ref().map_while(Result::ok).collect()
     }
+}
+
+/// A node process (`peerbus index` or `peerbus peer`); killed when dropped.
+pub struct Node {
+    /// The process.
+    pub child: Child,
+    /// The binary protocol address it printed.
+    pub addr: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// `kill -9`: no leave, no flush.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Starts a node and reads its address from the "listening on ADDR" line it prints.
+pub fn spawn<I, S>(args: I) -> Node
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = peerbus()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keeps draining stderr after the address so the node never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent && let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches(',')
+                    .to_string();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the node prints its address");
+    Node { child, addr }
 }
