@@ -44,9 +44,6 @@ struct Inner {
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     locations: Mutex<HashMap<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
-    /// This client's idempotent producer id: random, so that two clients (or one client
-    /// after a restart) never share a sequence on a host.
-    producer: u64,
 }
 
 fn unexpected(addr: &str, what: &Response) -> ClientError {
@@ -72,7 +69,6 @@ impl Client {
                 conns: Mutex::new(HashMap::new()),
                 locations: Mutex::new(HashMap::new()),
                 batchers: Mutex::new(HashMap::new()),
-                producer: rand::random(),
             }),
         }
     }
@@ -276,7 +272,7 @@ impl Client {
             .lock()
             .expect("batchers lock")
             .entry(topic.to_string())
-            .or_insert_with(|| Arc::new(Batcher::default()))
+            .or_insert_with(|| Arc::new(Batcher::new()))
             .clone();
         let start = {
             let mut st = batcher.state.lock().expect("batcher lock");
@@ -293,7 +289,7 @@ impl Client {
 
     async fn drain(self, topic: String, batcher: Arc<Batcher>) {
         loop {
-            let (payloads, acks, sequence) = {
+            let (payloads, acks, producer, sequence) = {
                 let mut st = batcher.state.lock().expect("batcher lock");
                 if st.queue.is_empty() {
                     st.in_flight = false;
@@ -317,16 +313,24 @@ impl Client {
                 // One batch in flight per topic, so sequences reach the host in order.
                 let sequence = st.next_sequence;
                 st.next_sequence += 1;
-                (payloads, acks, sequence)
+                (payloads, acks, st.producer, sequence)
             };
             let batch = Batch::from_payloads(&payloads);
-            match self.publish_idempotent(&topic, batch, sequence).await {
+            match self
+                .publish_idempotent(&topic, batch, producer, sequence)
+                .await
+            {
                 Ok(first) => {
                     for (i, a) in acks.into_iter().enumerate() {
                         let _ = a.send(Ok(first + i as u64));
                     }
                 }
                 Err(e) => {
+                    batcher
+                        .state
+                        .lock()
+                        .expect("batcher lock")
+                        .after_failure();
                     for a in acks {
                         let _ = a.send(Err(e.clone()));
                     }
@@ -339,14 +343,20 @@ impl Client {
     /// batch with the same sequence while the host cannot be reached or moved: the host
     /// answers a resend of a batch it already stored with the offsets it got, so a lost
     /// acknowledgement never duplicates messages.
-    async fn publish_idempotent(&self, topic: &str, batch: Batch, sequence: u64) -> Result<u64> {
+    async fn publish_idempotent(
+        &self,
+        topic: &str,
+        batch: Batch,
+        producer: u64,
+        sequence: u64,
+    ) -> Result<u64> {
         let deadline = tokio::time::Instant::now() + RESEND_DEADLINE;
         let mut backoff = RESEND_FIRST_BACKOFF;
         loop {
             let req = Request::PublishIdempotent {
                 topic: topic.to_string(),
                 batch: batch.clone(),
-                producer: self.inner.producer,
+                producer,
                 sequence,
             };
             match self.topic_request(topic, req).await {
@@ -496,19 +506,47 @@ impl Client {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Batcher {
     state: Mutex<BatchState>,
 }
 
+impl Batcher {
+    fn new() -> Batcher {
+        Batcher {
+            state: Mutex::new(BatchState {
+                in_flight: false,
+                producer: rand::random(),
+                next_sequence: 0,
+                queue: VecDeque::new(),
+            }),
+        }
+    }
+}
+
 type Ack = oneshot::Sender<Result<u64>>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct BatchState {
     in_flight: bool,
-    /// Sequence number of the next batch this client's producer sends to the topic.
+    /// The idempotent producer id for this topic: random, so that two clients (or one
+    /// client after a restart) never share a sequence on a host.
+    producer: u64,
+    /// Sequence number of the next batch the producer sends to the topic.
     next_sequence: u64,
     queue: VecDeque<(Bytes, Ack)>,
+}
+
+impl BatchState {
+    /// Keeps the producer in step with the host after a batch failed. The host may or may
+    /// not hold the batch (a storage failure after the write, a lost answer), or may have
+    /// refused it before recording its sequence; reusing the sequence could make a different
+    /// batch look like a resend, and skipping it would look like a gap. So the producer
+    /// starts afresh with a new id, as Kafka's does after an unknown outcome.
+    fn after_failure(&mut self) {
+        self.producer = rand::random();
+        self.next_sequence = 0;
+    }
 }
 
 /// Resolves to a published message's offset once the host has stored it.

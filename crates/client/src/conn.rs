@@ -37,7 +37,7 @@ pub enum SubEvent {
 struct Shared {
     addr: String,
     node: NodeKind,
-    tx: mpsc::Sender<ClientFrame>,
+    tx: mpsc::Sender<peerbus_net::Queued<ClientFrame>>,
     pending: Mutex<HashMap<u32, Pending>>,
     subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
     next_id: AtomicU32,
@@ -73,10 +73,13 @@ impl Connection {
             FrameCodec::new(peerbus_proto::DEFAULT_MAX_FRAME),
             64 * 1024,
         );
-        tx.send(ClientFrame::Hello {
-            protocol: PROTOCOL.to_string(),
-            token: token.map(str::to_string),
-        })
+        tx.send(
+            ClientFrame::Hello {
+                protocol: PROTOCOL.to_string(),
+                token: token.map(str::to_string),
+            }
+            .into(),
+        )
         .await
         .map_err(|_| fail("connection closed during hello".into()))?;
         let first = tokio::time::timeout(CONNECT_TIMEOUT, frames.next())
@@ -173,7 +176,7 @@ impl Connection {
             return Err(self.closed_error());
         }
         let frame = ClientFrame::Request { id, forward, body };
-        if self.shared.tx.send(frame).await.is_err() {
+        if self.shared.tx.send(frame.into()).await.is_err() {
             self.shared
                 .pending
                 .lock()
@@ -225,11 +228,12 @@ impl Connection {
     pub fn stop_follow(&self, sub: u64) {
         self.forget_sub(sub);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let _ = self.shared.tx.try_send(ClientFrame::Request {
+        let frame = ClientFrame::Request {
             id,
             forward: false,
             body: Request::StopFollow { sub },
-        });
+        };
+        let _ = self.shared.tx.try_send(frame.into());
     }
 
     /// Closes the connection; requests in flight fail with [`ClientError::Closed`].

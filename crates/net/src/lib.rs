@@ -16,4 +16,4 @@ pub use server::{
     Service, serve,
 };
 pub use trace::summarize;
-pub use writer::{OUTBOX_FRAMES, spawn_writer};
+pub use writer::{OUTBOX_BYTES, OUTBOX_FRAMES, Queued, spawn_writer};

@@ -15,7 +15,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::writer::{OUTBOX_FRAMES, spawn_writer};
+use crate::writer::{Budget, OUTBOX_FRAMES, Queued, spawn_writer};
 
 /// Default for [`ServerConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -85,17 +85,24 @@ pub struct ConnCtx {
     pub id: u64,
     /// The client's address.
     pub remote: SocketAddr,
-    out: mpsc::Sender<ServerFrame>,
+    out: mpsc::Sender<Queued<ServerFrame>>,
+    budget: Budget,
     /// Cancelled when the connection closes, so tasks serving it (subscriptions) stop.
     pub closed: CancellationToken,
 }
 
 impl ConnCtx {
-    /// Queues a frame; waits while the outbox is full (backpressure from a slow reader).
+    /// Queues a frame; waits while the outbox is full, in frames or in bytes
+    /// ([`crate::OUTBOX_BYTES`]), so a reader that stops reading stops its senders.
     /// Returns false once the connection is gone.
     pub async fn send(&self, frame: ServerFrame) -> bool {
+        let bytes = frame.wire_size();
+        let queue = async {
+            let queued = self.budget.queue(frame, bytes).await?;
+            self.out.send(queued).await.ok()
+        };
         tokio::select! {
-            r = self.out.send(frame) => r.is_ok(),
+            r = queue => r.is_some(),
             _ = self.closed.cancelled() => false,
         }
     }
@@ -169,7 +176,7 @@ async fn refuse(stream: TcpStream, err: WireError) {
     let (_, w) = stream.into_split();
     let (tx, rx) = mpsc::channel(1);
     let writer = spawn_writer(w, rx);
-    let _ = tx.send(ServerFrame::Refused(err)).await;
+    let _ = tx.send(ServerFrame::Refused(err).into()).await;
     drop(tx);
     let _ = writer.await;
 }
@@ -198,6 +205,7 @@ async fn connection<S: Service>(
         id,
         remote,
         out: tx.clone(),
+        budget: Budget::new(),
         closed: shutdown.clone(),
     });
 
@@ -208,13 +216,13 @@ async fn connection<S: Service>(
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 node: config.node,
             };
-            if tx.send(welcome).await.is_err() {
+            if tx.send(welcome.into()).await.is_err() {
                 return;
             }
         }
         Err(e) => {
             tracing::warn!("refused connection {id} from {remote}: {e}");
-            let _ = tx.send(ServerFrame::Refused(e)).await;
+            let _ = tx.send(ServerFrame::Refused(e).into()).await;
             drop(tx);
             drop(ctx);
             let _ = writer.await;
@@ -242,7 +250,7 @@ async fn connection<S: Service>(
                     format!("idle for {} s: closing", config.idle_timeout.as_secs()),
                 );
                 tracing::info!("closing connection {id} from {remote}: {err}");
-                let _ = tx.send(ServerFrame::Refused(err)).await;
+                let _ = tx.send(ServerFrame::Refused(err).into()).await;
                 break;
             }
             _ = shutdown.cancelled() => break,
@@ -254,7 +262,7 @@ async fn connection<S: Service>(
                 let err = codec_error(&e);
                 if !matches!(e, CodecError::Io(_)) {
                     tracing::warn!("closing connection {id} from {remote}: {err}");
-                    let _ = tx.send(ServerFrame::Refused(err)).await;
+                    let _ = tx.send(ServerFrame::Refused(err).into()).await;
                 }
                 break;
             }
@@ -280,13 +288,13 @@ async fn connection<S: Service>(
                     ErrorCode::BadRequest,
                     "hello sent twice: a connection says hello once, first",
                 );
-                let _ = tx.send(ServerFrame::Refused(err)).await;
+                let _ = tx.send(ServerFrame::Refused(err).into()).await;
                 break;
             }
             Err(e) => {
                 let err = codec_error(&e);
                 tracing::warn!("closing connection {id} from {remote}: {err}");
-                let _ = tx.send(ServerFrame::Refused(err)).await;
+                let _ = tx.send(ServerFrame::Refused(err).into()).await;
                 break;
             }
         }

@@ -63,6 +63,29 @@ pub enum ServerFrame {
     },
 }
 
+impl ServerFrame {
+    /// Roughly how many bytes this frame takes on the wire: what a connection's outbox
+    /// budget is charged for it. Exact for message and piece data, which dominate.
+    pub fn wire_size(&self) -> usize {
+        const SMALL: usize = 64;
+        let set = |m: &MessageSet| SMALL + m.batch.data.len() + 13 * m.batch.len();
+        match self {
+            ServerFrame::Delivery { messages, .. } => set(messages),
+            ServerFrame::Response { body: Ok(r), .. } => match r {
+                Response::Messages(m) => set(m),
+                Response::Piece(data) => SMALL + data.len(),
+                Response::Peers(v) => SMALL + 128 * v.len(),
+                Response::Topics(v) => SMALL + 64 * v.len(),
+                Response::Subscribers(v) => SMALL + 64 * v.len(),
+                Response::Files(v) => SMALL + 128 * v.len(),
+                Response::Participants(v) => SMALL + 32 * v.len(),
+                _ => SMALL,
+            },
+            _ => SMALL,
+        }
+    }
+}
+
 /// The kind of node at the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeKind {

@@ -44,6 +44,9 @@ impl std::fmt::Debug for FjallBackend {
     }
 }
 
+/// Cap on the journals' total size; see [`FjallBackend::open`].
+const JOURNAL_BYTES: u64 = 192 << 20;
+
 impl FjallBackend {
     /// Opens (or creates) the database in `dir`, creating the directory if missing.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -51,9 +54,12 @@ impl FjallBackend {
             StoreError::Backend(format!("cannot create directory {}: {e}", dir.display()))
         })?;
         // Journal flushes are left to `persist`, so a group of writes costs one flush
-        // instead of one per write batch.
+        // instead of one per write batch. Memtables waiting for their flush live as long as
+        // the journal that backs them, so the journal's cap is what bounds a node's memory
+        // under a sustained write load (fjall's default of 512 MiB lets it reach ~600 MiB).
         let db = Database::builder(dir)
             .manual_journal_persist(true)
+            .max_journaling_size(JOURNAL_BYTES)
             .open()
             .map_err(|e| {
                 StoreError::Backend(format!(

@@ -50,6 +50,12 @@ pub enum StoreError {
     /// The [`Writer`] was shut down (or its thread died) before the job could run.
     #[error("the storage writer has stopped")]
     Closed,
+    /// An earlier write failed (a full disk, an I/O error), so the writer refuses every
+    /// later one: what reached storage stays a gap-free prefix of what was submitted.
+    #[error(
+        "storage refuses writes since an earlier write failed ({0}); free the disk or fix the error, then restart the node"
+    )]
+    Failed(String),
 }
 
 /// Registry tables, used by the index server and by peers for their own identity and state.

@@ -139,9 +139,16 @@ impl Writer {
 
 /// The thread: one group per loop, until every sender is gone and the queue is empty.
 fn run(backend: &dyn Backend, rx: &Receiver<Job>) {
+    // Once a group fails, nothing later may be applied: jobs behind it were given positions
+    // (offsets) that assume it is stored, so writing them would leave a hole in the log.
+    let mut failed: Option<StoreError> = None;
     // Blocking for the first job of a group; `recv` fails only once the queue is empty and
     // shutdown dropped the sender.
     while let Ok(first) = rx.recv() {
+        if let Some(e) = &failed {
+            answer(first.reply, Err(e.clone()));
+            continue;
+        }
         let mut group = vec![first];
         let mut bytes = job_bytes(&group[0]);
         while bytes < GROUP_BYTES {
@@ -153,7 +160,13 @@ fn run(backend: &dyn Backend, rx: &Receiver<Job>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        commit(backend, group);
+        if let Err(e) = commit(backend, group) {
+            tracing::error!("{e}: refusing every later write");
+            failed = Some(StoreError::Failed(e.to_string()));
+        }
+    }
+    if failed.is_some() {
+        return;
     }
     if let Err(e) = backend.persist(true) {
         tracing::error!("final storage sync at shutdown failed: {e}");
@@ -164,8 +177,24 @@ fn job_bytes(job: &Job) -> usize {
     job.ops.iter().map(Op::payload_bytes).sum()
 }
 
+/// Sends a job its outcome, or logs it for a detached job.
+fn answer(reply: Option<oneshot::Sender<Result<()>>>, result: Result<()>) {
+    match reply {
+        // The waiter may have given up; its job is done either way.
+        Some(reply) => {
+            let _ = reply.send(result);
+        }
+        None => {
+            if let Err(e) = result {
+                tracing::error!("detached storage write failed: {e}");
+            }
+        }
+    }
+}
+
 /// Applies one group with one write and one persist, then answers its jobs in queue order.
-fn commit(backend: &dyn Backend, group: Vec<Job>) {
+/// Returns the failure of the write itself (not of jobs refused on their own merits).
+fn commit(backend: &dyn Backend, group: Vec<Job>) -> Result<()> {
     // A job refused on its own merits fails alone instead of failing everyone grouped with
     // it; it is still answered in its place in the queue.
     let mut verdicts: Vec<Option<StoreError>> = Vec::with_capacity(group.len());
@@ -193,16 +222,7 @@ fn commit(backend: &dyn Backend, group: Vec<Job>) {
             Some(e) => Err(e),
             None => outcome.clone(),
         };
-        match reply {
-            // The waiter may have given up; its job is done either way.
-            Some(reply) => {
-                let _ = reply.send(result);
-            }
-            None => {
-                if let Err(e) = result {
-                    tracing::error!("detached storage write failed: {e}");
-                }
-            }
-        }
+        answer(reply, result);
     }
+    outcome
 }

@@ -155,7 +155,7 @@ fn queued_jobs_form_one_group_and_complete_in_order() {
 }
 
 #[test]
-fn a_failed_group_fails_every_job_but_a_refused_job_fails_alone() {
+fn a_failed_group_fails_every_job_in_it_and_every_later_one() {
     let probe = Probe::new();
     let writer = Writer::start(probe.clone());
 
@@ -172,6 +172,22 @@ fn a_failed_group_fails_every_job_but_a_refused_job_fails_alone() {
     }
     assert_eq!(probe.last_offset(1).unwrap(), None);
 
+    // Later jobs were positioned after the failed ones: applying them would leave a hole.
+    let applies = probe.applies().len();
+    let later = writer.submit(vec![append(1, 1, b"b")], true);
+    match later.blocking_recv().unwrap() {
+        Err(StoreError::Failed(why)) => assert!(why.contains("on fire"), "{why}"),
+        other => panic!("a write after a failed one must be refused, got {other:?}"),
+    }
+    assert_eq!(probe.applies().len(), applies, "nothing applied after the failure");
+    assert_eq!(probe.last_offset(1).unwrap(), None);
+    writer.shutdown();
+}
+
+#[test]
+fn a_refused_job_fails_alone() {
+    let probe = Probe::new();
+    let writer = Writer::start(probe.clone());
     let (entered, release) = probe.hold();
     let opener = writer.submit(vec![put(b"open")], false);
     entered.recv().unwrap();
