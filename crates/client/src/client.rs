@@ -326,11 +326,7 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    batcher
-                        .state
-                        .lock()
-                        .expect("batcher lock")
-                        .after_failure();
+                    batcher.state.lock().expect("batcher lock").after_failure();
                     for a in acks {
                         let _ = a.send(Err(e.clone()));
                     }

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
@@ -21,10 +21,19 @@ use crate::storage;
 /// a peer re-announcing a million topics does not flood the log.
 const LOGGED_TOPICS: usize = 10;
 
+/// Milliseconds since the Unix epoch as of the index's start, plus the time elapsed since on
+/// the monotonic clock. Leases are measured on it so that setting the machine's clock
+/// forward does not expire every peer at once, nor setting it back keep dead peers alive;
+/// anchoring it to wall time keeps persisted expiry times meaningful across restarts.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    static START: OnceLock<(u64, Instant)> = OnceLock::new();
+    let (wall, mono) = START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        (wall, Instant::now())
+    });
+    wall.saturating_add(u64::try_from(mono.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 fn new_cookie() -> String {

@@ -295,8 +295,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => {
-            unreachable!("node commands are run by nodes::run")
+        Command::Index { .. }
+        | Command::Peer { .. }
+        | Command::Up { .. }
+        | Command::Bench { .. } => {
+            unreachable!("node and bench commands are run by main")
         }
     }
     out.flush()?;

@@ -101,6 +101,18 @@ pub enum Command {
         #[arg(long, default_value = "./peerbus-data")]
         data: PathBuf,
     },
+    /// Run a benchmark scenario, writing CSV and PNG files; the summary line comes last.
+    /// With --index, it runs against that existing cluster instead of starting one.
+    Bench {
+        /// api, query, topics, throughput, pingpong, files, download or compare.
+        scenario: peerbus_bench::Scenario,
+        /// A smaller workload that finishes in under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Directory for the CSV and PNG files.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Create, delete, list and look up topics.
     #[command(subcommand)]
     Topic(TopicCommand),
@@ -226,7 +238,16 @@ pub enum TopicCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // `bench` starts its own cluster unless --index (or PEERBUS_INDEX) names one.
+    let index_given = !matches!(
+        matches.value_source("index"),
+        None | Some(clap::parser::ValueSource::DefaultValue)
+    );
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -237,7 +258,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = rt.block_on(run(cli));
+    let result = rt.block_on(run(cli, index_given));
     // Do not wait for stray tasks (a follow stream's reader) at exit.
     rt.shutdown_background();
     if let Err(e) = result {
@@ -263,9 +284,28 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, index_given: bool) -> anyhow::Result<()> {
     match &cli.command {
         Command::Index { .. } | Command::Peer { .. } | Command::Up { .. } => nodes::run(cli).await,
+        Command::Bench {
+            scenario,
+            quick,
+            out,
+        } => {
+            logging::init("warn", false, None)?;
+            let options = peerbus_bench::Options {
+                quick: *quick,
+                index: index_given.then(|| cli.index.clone()),
+                token: cli.auth_token.clone(),
+                out: out.clone(),
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let summary = peerbus_bench::run(*scenario, &options).await?;
+            for line in summary {
+                println!("{line}");
+            }
+            Ok(())
+        }
         _ => {
             let level = match cli.verbose {
                 0 => "warn",

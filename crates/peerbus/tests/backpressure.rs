@@ -51,17 +51,19 @@ fn peak_rss(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscriber_bounds_peer_memory_and_then_receives_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let index = spawn([
-        "index",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "off",
-        "--data",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([dir.path().join("index").display().to_string()]));
+    let index = spawn(
+        [
+            "index",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--data",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().join("index").display().to_string()]),
+    );
     let peer = spawn(
         [
             "--index",
@@ -89,10 +91,7 @@ async fn stalled_subscriber_bounds_peer_memory_and_then_receives_everything() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match publisher
-            .create_topic("big", None, retention)
-            .await
-        {
+        match publisher.create_topic("big", None, retention).await {
             Ok(_) => break,
             // The peer may not have registered yet: poll until the deadline.
             Err(_) if Instant::now() < deadline => {

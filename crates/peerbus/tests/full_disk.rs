@@ -142,7 +142,10 @@ async fn full_disk_refuses_writes_loses_nothing_and_recovers_after_restart() {
     // Publish until the disk is full: 16 MiB cannot hold 8,192 × 4 KiB plus overhead.
     let mut acked = 0u64;
     let error = loop {
-        assert!(acked < 8192, "16 MiB took 32 MiB of messages: the disk never filled");
+        assert!(
+            acked < 8192,
+            "16 MiB took 32 MiB of messages: the disk never filled"
+        );
         match client.publish("fill", payload(acked)).await {
             Ok(offset) => {
                 assert_eq!(offset, acked);

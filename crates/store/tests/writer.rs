@@ -179,7 +179,11 @@ fn a_failed_group_fails_every_job_in_it_and_every_later_one() {
         Err(StoreError::Failed(why)) => assert!(why.contains("on fire"), "{why}"),
         other => panic!("a write after a failed one must be refused, got {other:?}"),
     }
-    assert_eq!(probe.applies().len(), applies, "nothing applied after the failure");
+    assert_eq!(
+        probe.applies().len(),
+        applies,
+        "nothing applied after the failure"
+    );
     assert_eq!(probe.last_offset(1).unwrap(), None);
     writer.shutdown();
 }

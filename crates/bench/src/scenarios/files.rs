@@ -1,0 +1,8 @@
+//! The `files` scenario.
+
+use crate::Options;
+
+/// Runs the scenario; returns its summary lines.
+pub(crate) async fn run(_options: &Options) -> anyhow::Result<Vec<String>> {
+    anyhow::bail!("scenario 'files' is not built yet")
+}
