@@ -19,6 +19,9 @@ pub use scenarios::Scenario;
 pub struct Options {
     /// A smaller workload that finishes in under a minute.
     pub quick: bool,
+    /// The smallest workload that still exercises every step and writes every file: for
+    /// tests, which check that a scenario works, never how fast.
+    pub smoke: bool,
     /// Run against the existing cluster whose index is here instead of starting one.
     pub index: Option<String>,
     /// Token for a cluster started with `--auth-token`.
@@ -34,6 +37,7 @@ impl Options {
     pub fn new() -> Options {
         Options {
             quick: false,
+            smoke: false,
             index: None,
             token: None,
             out: PathBuf::from("bench-results"),
@@ -41,9 +45,15 @@ impl Options {
         }
     }
 
-    /// `quick` if this is a quick run, else `full`.
-    pub fn pick<T>(&self, quick: T, full: T) -> T {
-        if self.quick { quick } else { full }
+    /// The workload size for this run: `smoke` in tests, `quick` with `--quick`, else `full`.
+    pub fn pick<T>(&self, smoke: T, quick: T, full: T) -> T {
+        if self.smoke {
+            smoke
+        } else if self.quick {
+            quick
+        } else {
+            full
+        }
     }
 }
 

@@ -295,6 +295,7 @@ async fn run(cli: Cli, index_given: bool) -> anyhow::Result<()> {
             logging::init("warn", false, None)?;
             let options = peerbus_bench::Options {
                 quick: *quick,
+                smoke: false,
                 index: index_given.then(|| cli.index.clone()),
                 token: cli.auth_token.clone(),
                 out: out.clone(),
