@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
-use peerbus_proto::{ErrorCode, RegisterPeer, Request, Response, WireError};
+use peerbus_proto::{ErrorCode, NodeKind, RegisterPeer, Request, Response, WireError};
 use peerbus_store::Writer;
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
@@ -496,13 +496,32 @@ impl IndexService {
         let conn = conn.clone();
         self.forwards.spawn(async move {
             let result = tokio::select! {
-                r = client.request_at(&addr, req, false) => relay(r),
+                r = forward_to_peer(&client, &addr, req) => r,
                 // The asker is gone (or the index is stopping): nobody needs the answer.
                 _ = conn.closed.cancelled() => return,
             };
             conn.reply(id, result).await;
         });
     }
+}
+
+/// Sends `req` to the peer at `addr`. A node there that answers as an index is refused: a
+/// peer registered with this index's own address would otherwise have the request forwarded
+/// back here, placed on the same peer and forwarded again, forever.
+async fn forward_to_peer(client: &Client, addr: &str, req: Request) -> Result<Response, WireError> {
+    let conn = match client.connection(addr).await {
+        Ok(c) => c,
+        Err(e) => return relay(Err(e)),
+    };
+    if conn.node() != NodeKind::Peer {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "{addr} is not a peer but an index: the peer registered there advertises a wrong address"
+            ),
+        ));
+    }
+    relay(conn.request(req, false).await)
 }
 
 /// How a request is answered.

@@ -735,3 +735,37 @@ async fn files_are_replicated_and_re_replicated_after_a_holder_expires() -> Resu
     stop(index, shutdown).await;
     Ok(())
 }
+
+/// Found by the `request_handlers` fuzz target: a peer registered with the index's own
+/// address made the index forward `CreateTopic` (and topic requests) to itself, which placed
+/// it on that peer again, forever; the request was never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_advertising_the_index_address_gets_no_forwarding_loop() -> Result<()> {
+    let (index, shutdown) = start(Duration::from_secs(30), None).await?;
+    let conn = connect(&index).await?;
+    let (auth, _) = register(&conn, "mirror", &index.addr().to_string(), None).await?;
+    let create = Request::CreateTopic {
+        topic: "t".into(),
+        retention: Retention::default(),
+        peer: None,
+    };
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.request(create, false))
+        .await
+        .context("create was not answered")?
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
+    assert!(e.to_string().contains("not a peer"), "{e}");
+
+    announce(&conn, &auth, &["claimed"]).await?;
+    let publish = Request::Publish {
+        topic: "claimed".into(),
+        batch: Batch::from_payloads(["x"]),
+    };
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.request(publish, false))
+        .await
+        .context("publish was not answered")?
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
+    stop(index, shutdown).await;
+    Ok(())
+}
