@@ -773,10 +773,15 @@ impl Node {
             .backend
             .read(t.id, from, want, MAX_READ_BYTES)
             .map_err(internal)?;
+        // Nothing stored at `from` although it is below the watermark means a hole: a write
+        // that failed or was refused after its offsets were given out. The set then starts
+        // at the next stored message (at most the watermark), so readers move past the hole
+        // instead of asking for it again and again.
         let Some(first) = msgs.first() else {
+            set.first_offset = hw;
             return Ok(set);
         };
-        set.first_offset = first.offset;
+        set.first_offset = first.offset.min(hw);
         let mut lens = Vec::with_capacity(msgs.len());
         let mut data = Vec::with_capacity(msgs.iter().map(|m| m.payload.len()).sum());
         for (expect, m) in (first.offset..).zip(&msgs) {
@@ -848,7 +853,8 @@ impl Node {
             },
         )?;
         let set = self.read(t, pos, max as usize)?;
-        if !set.is_empty() {
+        // Also when the set is empty but starts later: past a hole, the position moves too.
+        if set.next_offset() > pos {
             self.commit(t, subscriber, set.next_offset());
         }
         Ok(set)

@@ -47,6 +47,9 @@ impl std::fmt::Debug for FjallBackend {
 /// Cap on the journals' total size; see [`FjallBackend::open`].
 const JOURNAL_BYTES: u64 = 192 << 20;
 
+/// Size at which a keyspace's memtable is sealed and flushed; see [`FjallBackend::open`].
+const MEMTABLE_BYTES: u64 = 32 << 20;
+
 impl FjallBackend {
     /// Opens (or creates) the database in `dir`, creating the directory if missing.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -69,14 +72,15 @@ impl FjallBackend {
             })?;
         let mut opened = Vec::with_capacity(KEYSPACES);
         for name in NAMES {
-            let ks = db
-                .keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| {
-                    StoreError::Backend(format!(
-                        "cannot open keyspace {name} in {}: {e}",
-                        dir.display()
-                    ))
-                })?;
+            // Up to four sealed memtables wait for their flush before fjall halts writes, so
+            // the memtable size is what bounds a node's memory while the disk lags behind.
+            let options = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+            let ks = db.keyspace(name, options).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot open keyspace {name} in {}: {e}",
+                    dir.display()
+                ))
+            })?;
             opened.push(ks);
         }
         let keyspaces: [Keyspace; KEYSPACES] = opened

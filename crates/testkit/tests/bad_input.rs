@@ -320,3 +320,69 @@ async fn bad_publish_requests_get_errors_and_the_connection_stays_usable() {
     assert_eq!(raw.request(id, Request::Ping).await, Ok(Response::Pong));
     still_serving(&cluster, "r").await;
 }
+
+/// A topic deleted while a following subscriber is far behind (its reader stopped, so the
+/// peer's sends to it wait): once the reader resumes, the subscription ends with "deleted"
+/// and the peer keeps serving. Reading a deleted range finds nothing below the watermark;
+/// the follower must move on rather than ask for it again and again without yielding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_under_a_lagging_follower_ends_it_cleanly() {
+    let cluster = cluster(None).await;
+    let c = cluster.client();
+    c.create_topic("lagging", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    // 48 MiB: more than the connection's outbox budget and socket buffers hold.
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..48 {
+        c.publish("lagging", chunk.clone()).await.unwrap();
+    }
+    let mut raw = Raw::open(&cluster.peer_addr(0)).await;
+    raw.frame(&ClientFrame::Request {
+        id: 1,
+        forward: false,
+        body: Request::Subscribe(peerbus_proto::Subscribe {
+            topic: "lagging".into(),
+            subscriber: "slow".into(),
+            from: Some(peerbus_proto::StartFrom::Earliest),
+            follow: Some(9),
+        }),
+    })
+    .await;
+    // The follower now waits on a full outbox; delete the topic under it.
+    c.delete_topic("lagging").await.unwrap();
+
+    let mut delivered = 0u64;
+    let reason = loop {
+        match raw.next().await {
+            Some(ServerFrame::Response { id: 1, body }) => {
+                body.unwrap();
+            }
+            Some(ServerFrame::Delivery { sub: 9, messages }) => {
+                assert_eq!(messages.first_offset, delivered, "no gap, no repeat");
+                delivered += messages.len() as u64;
+            }
+            Some(ServerFrame::SubscriptionEnded { sub: 9, reason }) => break reason,
+            other => panic!("expected deliveries then the end, got {other:?}"),
+        }
+    };
+    assert_eq!(reason.code, ErrorCode::NotFound, "{reason:?}");
+    assert!(reason.message.contains("deleted"), "{reason:?}");
+    assert!(
+        delivered < 48,
+        "the subscriber lagged: {delivered} delivered"
+    );
+    // The peer still serves everyone.
+    assert_eq!(raw.request(2, Request::Ping).await.unwrap(), Response::Pong);
+    let mut all = Vec::new();
+    loop {
+        let set = c.pull(TOPIC, "after", 100, Duration::ZERO).await.unwrap();
+        if set.is_empty() {
+            break;
+        }
+        all.extend(set.messages().map(|m| m.payload));
+    }
+    let before: Vec<Vec<u8>> = BEFORE.iter().map(|m| m.as_bytes().to_vec()).collect();
+    let all: Vec<Vec<u8>> = all.iter().map(|p| p.to_vec()).collect();
+    assert_eq!(all, before);
+}
