@@ -387,7 +387,11 @@ async fn tasks_at(
         }
         for (i, share) in shares.iter().enumerate() {
             for k in 0..own {
-                write_file(&share.join(own_name(i, k)), (i * 1_000 + k) as u64, sz)?;
+                write_file(
+                    &share.join(own_name(i, k)),
+                    (1_000_000 + i * 1_000 + k) as u64,
+                    sz,
+                )?;
             }
         }
         Ok(())

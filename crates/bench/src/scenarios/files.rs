@@ -258,5 +258,7 @@ async fn phases(
         bar.inc(1);
     }
     out.push((l, start.elapsed()));
+    // Nobody leaves (withdrawing its files) while others may still look them up.
+    barrier.wait().await;
     Ok(out)
 }
