@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use peerbus_proto::{ErrorCode, FileHit, Manifest, Request, Response};
+use peerbus_proto::{ErrorCode, FileEntry, FileHit, Manifest, PeerAuth, Request, Response};
 use tokio::task::JoinSet;
 
 use crate::client::Client;
@@ -59,6 +59,34 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ClientError {
 }
 
 impl Client {
+    /// Offers `files` at the index in the name of the registered peer `auth` (what a peer's
+    /// lease does after scanning its share). With `replace`, the list replaces everything
+    /// the peer offered before.
+    pub async fn register_files(
+        &self,
+        auth: &PeerAuth,
+        files: Vec<FileEntry>,
+        replace: bool,
+    ) -> Result<()> {
+        self.index_request(Request::RegisterFiles {
+            auth: auth.clone(),
+            files,
+            replace,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Stops offering the files with these hashes in the name of the peer `auth`.
+    pub async fn unregister_files(&self, auth: &PeerAuth, hashes: Vec<String>) -> Result<()> {
+        self.index_request(Request::UnregisterFiles {
+            auth: auth.clone(),
+            hashes,
+        })
+        .await
+        .map(drop)
+    }
+
     /// Files whose name contains `pattern` (case-insensitive), from the index.
     pub async fn search_files(&self, pattern: &str) -> Result<Vec<FileHit>> {
         let r = self
@@ -161,11 +189,12 @@ impl Client {
 
     /// Downloads a file (by name or hash) from every live holder at once into `dest`.
     ///
-    /// Pieces are pulled by one worker per source, so faster sources take more. Each piece
-    /// is checked against the file's BLAKE3 hash tree as it arrives; a bad piece goes back
-    /// in the queue and its source is dropped, as is a source that fails. The file is
-    /// written under a temporary name beside `dest`, verified whole, fsynced and renamed;
-    /// on failure nothing is left at `dest`.
+    /// Pieces are pulled by a few workers per source, so faster sources take more. Each
+    /// piece is checked against the file's BLAKE3 hash tree as it arrives; a bad piece goes
+    /// back in the queue and its source is dropped, as is a source that fails. The file is
+    /// written under a temporary name beside `dest` with positioned writes, fsynced and
+    /// renamed once every piece has passed (which proves the whole file's hash); on failure
+    /// nothing is left at `dest`.
     pub async fn download(
         &self,
         key: &str,
@@ -200,18 +229,12 @@ impl Client {
                 return Err(e);
             }
         };
-        let (tmp2, dest2, hash) = (tmp.clone(), dest.to_path_buf(), hit.hash.clone());
+        // Every piece passed its check against a manifest that merges into the file's hash,
+        // so the file is the one asked for; hashing it again would only read it twice.
+        let (tmp2, dest2) = (tmp.clone(), dest.to_path_buf());
         let finish = tokio::task::spawn_blocking(move || -> Result<()> {
             let f = std::fs::File::open(&tmp2)
                 .map_err(io_err(format!("cannot reopen {}", tmp2.display())))?;
-            let mut h = blake3::Hasher::new();
-            h.update_reader(&f)
-                .map_err(io_err(format!("cannot read {}", tmp2.display())))?;
-            if !h.finalize().to_hex().eq_ignore_ascii_case(&hash) {
-                return Err(ClientError::Invalid(format!(
-                    "downloaded file does not hash to {hash}; it was not kept"
-                )));
-            }
             f.sync_all()
                 .map_err(io_err(format!("cannot fsync {}", tmp2.display())))?;
             std::fs::rename(&tmp2, &dest2).map_err(io_err(format!(
@@ -324,18 +347,26 @@ impl Client {
                             index: i as u32,
                         };
                         let why = match conn.request(req, false).await {
-                            Ok(Response::Piece(data))
-                                if tree::verify_piece(&manifest, i, &data) =>
-                            {
+                            Ok(Response::Piece(data)) => {
                                 let (f, len) = (file.clone(), data.len() as u64);
                                 let off = i * u64::from(manifest.piece_len);
+                                // Checked and written on the blocking pool: hashing a piece
+                                // takes long enough to stall other tasks, and the pieces of
+                                // several workers are then checked on several cores at once.
+                                let m = manifest.clone();
                                 let w = tokio::task::spawn_blocking(move || {
                                     use std::os::unix::fs::FileExt;
-                                    f.write_all_at(&data, off)
+                                    if !tree::verify_piece(&m, i, &data) {
+                                        return Ok(false);
+                                    }
+                                    f.write_all_at(&data, off).map(|()| true)
                                 })
                                 .await;
                                 match w {
-                                    Ok(Ok(())) => {
+                                    Ok(Ok(false)) => {
+                                        format!("sent piece {i} that fails its BLAKE3 check")
+                                    }
+                                    Ok(Ok(true)) => {
                                         queue.finished();
                                         got += 1;
                                         if let Some(p) = &progress {
@@ -353,9 +384,6 @@ impl Client {
                                     }
                                     Err(e) => format!("write task failed: {e}"),
                                 }
-                            }
-                            Ok(Response::Piece(_)) => {
-                                format!("sent piece {i} that fails its BLAKE3 check")
                             }
                             Ok(other) => format!("answered {other:?} for piece {i}"),
                             Err(e) => e.to_string(),

@@ -5,7 +5,8 @@
 //! chaining value; merging them the way BLAKE3 does gives the file's ordinary BLAKE3 hash,
 //! so a manifest from an untrusted source is checked against the hash the index gave, and
 //! then each piece against its own chaining value. A bad piece is caught when it arrives,
-//! not after the whole file.
+//! not after the whole file, and a file whose every piece passed needs no second hashing:
+//! the pieces determine the chaining values, which determine the hash.
 
 use std::io::Read;
 
@@ -146,8 +147,11 @@ pub fn verify_manifest(m: &Manifest, expected: &str) -> Result<(), TreeError> {
     let expected_hash = blake3::Hash::from_hex(expected)
         .map_err(|e| bad(format!("hash is not BLAKE3 hex: {e}")))?;
     match m.pieces.len() {
+        // With no pieces nothing else is checked later, so the hash must be the empty one.
+        0 if expected_hash == blake3::hash(b"") => Ok(()),
+        0 => Err(TreeError::WrongRoot(expected.to_string())),
         // The single piece's check is the file hash itself (see `verify_piece`).
-        0 | 1 => Ok(()),
+        1 => Ok(()),
         _ if root(&m.pieces) == expected_hash => Ok(()),
         _ => Err(TreeError::WrongRoot(expected.to_string())),
     }
@@ -241,5 +245,16 @@ mod tests {
         ));
         let other = blake3::hash(b"other").to_hex().to_string();
         assert!(verify_manifest(&manifest(&d[..], 1024).unwrap(), &other).is_err());
+        // A manifest claiming an empty file cannot stand in for a non-empty one.
+        let empty = Manifest {
+            hash: hash.clone(),
+            size: 0,
+            piece_len: 1024,
+            pieces: Vec::new(),
+        };
+        assert_eq!(
+            verify_manifest(&empty, &hash),
+            Err(TreeError::WrongRoot(hash))
+        );
     }
 }
