@@ -838,7 +838,11 @@ impl Registry {
         topics: TopicSet,
         peer: Option<&str>,
     ) -> Result<Vec<(Host, Vec<String>)>, WireError> {
-        if let Some(t) = topics.0.iter().find(|t| self.directory.contains_key(t.as_str())) {
+        if let Some(t) = topics
+            .0
+            .iter()
+            .find(|t| self.directory.contains_key(t.as_str()))
+        {
             let holder = self.directory[t.as_str()];
             return Err(topic_exists(t, &self.peers[&holder].rec.name));
         }
@@ -1480,6 +1484,38 @@ mod tests {
         let loc = &reg.list_topics(Some("sport"))[0];
         assert_eq!(loc.addr, "a.example:7000");
         assert_eq!(loc.peer_id, 1);
+    }
+
+    #[test]
+    fn spread_evens_out_the_loads_like_placing_one_by_one() {
+        // Placing one topic at a time with `place` is the reference.
+        let one_by_one = |loads: &[(u64, usize)], count: usize| {
+            let mut now = loads.to_vec();
+            let mut got = vec![0; loads.len()];
+            for _ in 0..count {
+                let id = place(now.iter().copied()).unwrap();
+                let i = now.iter().position(|&(p, _)| p == id).unwrap();
+                now[i].1 += 1;
+                got[i] += 1;
+            }
+            loads.iter().map(|&(id, _)| id).zip(got).collect::<Vec<_>>()
+        };
+        let cases: &[&[(u64, usize)]] = &[
+            &[(1, 0)],
+            &[(1, 0), (2, 0), (3, 0)],
+            &[(1, 5), (2, 0), (3, 2)],
+            &[(3, 1), (1, 1), (2, 9)],
+            &[(1, 100), (2, 0)],
+        ];
+        for loads in cases {
+            for count in [0, 1, 2, 3, 7, 10, 101] {
+                assert_eq!(
+                    spread(loads, count),
+                    one_by_one(loads, count),
+                    "{loads:?} {count}"
+                );
+            }
+        }
     }
 
     #[test]

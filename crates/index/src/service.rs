@@ -389,9 +389,9 @@ impl IndexService {
                 topics,
                 retention,
                 peer,
-            } => match TopicSet::distinct(topics).and_then(|set| {
-                self.read(|reg, _| reg.plan_create_many(set, peer.as_deref()))
-            }) {
+            } => match TopicSet::distinct(topics)
+                .and_then(|set| self.read(|reg, _| reg.plan_create_many(set, peer.as_deref())))
+            {
                 Ok(plan) => {
                     self.create_many(conn, id, plan, retention);
                     return Answer::Later;

@@ -174,7 +174,13 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     let mut table = Table::new(
         "api",
         &[
-            "api", "clients", "ops", "mean_us", "p50_us", "p99_us", "ops_per_s",
+            "api",
+            "clients",
+            "ops",
+            "mean_us",
+            "p50_us",
+            "p99_us",
+            "ops_per_s",
         ],
     );
     let mut summary = Vec::new();

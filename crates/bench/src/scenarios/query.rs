@@ -20,7 +20,13 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     let mut table = Table::new(
         "query",
         &[
-            "clients", "requests", "mean_us", "p50_us", "p99_us", "max_us", "ops_per_s",
+            "clients",
+            "requests",
+            "mean_us",
+            "p50_us",
+            "p99_us",
+            "max_us",
+            "ops_per_s",
         ],
     );
     let mut summary = vec![format!(

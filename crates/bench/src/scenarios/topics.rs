@@ -251,9 +251,11 @@ pub(crate) fn us(v: f64) -> String {
 /// Runs the scenario; returns its summary lines.
 pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     let n: usize = options.pick(1_000, 100_000, 1_000_000);
-    let query_counts: Vec<usize> = options.pick(vec![16, 64, 256], vec![100, 1_000, 10_000], vec![
-        100, 1_000, 10_000,
-    ]);
+    let query_counts: Vec<usize> = options.pick(
+        vec![16, 64, 256],
+        vec![100, 1_000, 10_000],
+        vec![100, 1_000, 10_000],
+    );
     let target = Target::start(options, Spec::peers(2)).await?;
     let prefix = unique_prefix("topics");
 
@@ -292,7 +294,13 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     let mut table = Table::new(
         "topics",
         &[
-            "queries", "clients", "mean_us", "p50_us", "p99_us", "max_us", "ops_per_s",
+            "queries",
+            "clients",
+            "mean_us",
+            "p50_us",
+            "p99_us",
+            "max_us",
+            "ops_per_s",
         ],
     );
     let mut summary = vec![format!("registered {n} topics in {secs:.3} s")];
