@@ -39,6 +39,7 @@
 //! ```
 
 pub mod blocking;
+mod bulk;
 mod client;
 mod conn;
 mod error;
@@ -51,7 +52,7 @@ pub use conn::{Connection, SubEvent};
 pub use error::{ClientError, Result};
 pub use files::{DownloadProgress, DownloadReport};
 pub use peerbus_proto::{
-    ErrorCode, FileHit, Message, MessageSet, PeerInfo, Retention, StartFrom, SubscriberInfo,
-    TopicLocation, TopicStats, WireError,
+    CreatedOn, ErrorCode, FileHit, Message, MessageSet, PeerInfo, Retention, StartFrom,
+    SubscriberInfo, TopicLocation, TopicStats, WireError,
 };
 pub use subscription::Subscription;

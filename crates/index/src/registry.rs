@@ -134,6 +134,27 @@ impl TopicSet {
         topics.dedup();
         Ok(TopicSet(topics))
     }
+
+    /// Like [`TopicSet::new`], but a name listed twice is an error too: a request to create
+    /// topics names each once.
+    pub fn distinct(mut topics: Vec<String>) -> Result<Self, WireError> {
+        for t in &topics {
+            validate_topic(t)?;
+        }
+        topics.sort_unstable();
+        if let Some(w) = topics.windows(2).find(|w| w[0] == w[1]) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("topic '{}' is listed twice", w[0]),
+            ));
+        }
+        Ok(TopicSet(topics))
+    }
+
+    /// Number of topics.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// True for a BLAKE3 hash as the wire carries it: 64 hex digits.
@@ -271,6 +292,54 @@ pub(crate) fn place(candidates: impl IntoIterator<Item = (u64, usize)>) -> Optio
         .into_iter()
         .min_by_key(|&(id, load)| (load, id))
         .map(|(id, _)| id)
+}
+
+/// How many of `count` new topics each of the `(peer id, topics hosted)` peers takes so
+/// that the loads end up as even as they can: like placing the topics one by one with
+/// [`place`], in one pass. Returned in the order of `loads`.
+pub(crate) fn spread(loads: &[(u64, usize)], count: usize) -> Vec<(u64, usize)> {
+    let mut order: Vec<usize> = (0..loads.len()).collect();
+    order.sort_by_key(|&i| (loads[i].1, loads[i].0));
+    // Raise the water level over the least loaded peers until the topics run out.
+    let mut left = count;
+    let mut level = 0;
+    let mut filled = 0;
+    for (k, &i) in order.iter().enumerate() {
+        let load = loads[i].1;
+        let next = order.get(k + 1).map(|&j| loads[j].1);
+        filled = k + 1;
+        let width = filled;
+        let cap = match next {
+            Some(n) => (n - load) * width,
+            None => usize::MAX,
+        };
+        if left <= cap {
+            level = load + left / width;
+            break;
+        }
+        left -= cap;
+        level = next.unwrap_or(load);
+    }
+    let mut shares: Vec<usize> = vec![0; loads.len()];
+    let mut given = 0;
+    for &i in &order[..filled] {
+        let n = level.saturating_sub(loads[i].1);
+        shares[i] = n;
+        given += n;
+    }
+    // The remainder goes one each to the peers at the level with the lowest ids, as
+    // `place` would pick them.
+    let mut rest = count - given;
+    let mut at_level = order[..filled].to_vec();
+    at_level.sort_by_key(|&i| loads[i].0);
+    for i in at_level {
+        if rest == 0 {
+            break;
+        }
+        shares[i] += 1;
+        rest -= 1;
+    }
+    loads.iter().map(|&(id, _)| id).zip(shares).collect()
 }
 
 impl Registry {
@@ -757,6 +826,76 @@ impl Registry {
             name: rec.name.clone(),
             addr: rec.addr.clone(),
         })
+    }
+
+    /// Where each topic of `topics` should be created: on the live peer named by `peer`
+    /// (its name or its address), or spread over the live peers so their topic counts end
+    /// up as even as they can (the least loaded fill first, lower ids first among equals).
+    /// Each host gets a contiguous run of the sorted names. Fails, changing nothing, when
+    /// any of the topics exists already.
+    pub fn plan_create_many(
+        &self,
+        topics: TopicSet,
+        peer: Option<&str>,
+    ) -> Result<Vec<(Host, Vec<String>)>, WireError> {
+        if let Some(t) = topics
+            .0
+            .iter()
+            .find(|t| self.directory.contains_key(t.as_str()))
+        {
+            let holder = self.directory[t.as_str()];
+            return Err(topic_exists(t, &self.peers[&holder].rec.name));
+        }
+        if topics.0.is_empty() {
+            return Ok(Vec::new());
+        }
+        let live: Vec<(u64, usize)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.rec.active)
+            .map(|(&id, p)| (id, p.topics.len()))
+            .collect();
+        let shares: Vec<(u64, usize)> = match peer {
+            Some(wanted) => {
+                let id = live
+                    .iter()
+                    .map(|&(id, _)| id)
+                    .find(|id| {
+                        let rec = &self.peers[id].rec;
+                        rec.name == wanted || rec.addr == wanted
+                    })
+                    .ok_or_else(|| {
+                        WireError::new(
+                            ErrorCode::NotFound,
+                            format!("peer '{wanted}' not found or not active"),
+                        )
+                    })?;
+                vec![(id, topics.len())]
+            }
+            None => {
+                if live.is_empty() {
+                    return Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        format!("no active peer to host {} topics", topics.len()),
+                    ));
+                }
+                spread(&live, topics.len())
+            }
+        };
+        let mut names = topics.0.into_iter();
+        Ok(shares
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .map(|(id, n)| {
+                let rec = &self.peers[&id].rec;
+                let host = Host {
+                    id,
+                    name: rec.name.clone(),
+                    addr: rec.addr.clone(),
+                };
+                (host, names.by_ref().take(n).collect())
+            })
+            .collect())
     }
 
     /// The peer offers `files`. With `replace`, files it offered before but no longer
@@ -1345,6 +1484,38 @@ mod tests {
         let loc = &reg.list_topics(Some("sport"))[0];
         assert_eq!(loc.addr, "a.example:7000");
         assert_eq!(loc.peer_id, 1);
+    }
+
+    #[test]
+    fn spread_evens_out_the_loads_like_placing_one_by_one() {
+        // Placing one topic at a time with `place` is the reference.
+        let one_by_one = |loads: &[(u64, usize)], count: usize| {
+            let mut now = loads.to_vec();
+            let mut got = vec![0; loads.len()];
+            for _ in 0..count {
+                let id = place(now.iter().copied()).unwrap();
+                let i = now.iter().position(|&(p, _)| p == id).unwrap();
+                now[i].1 += 1;
+                got[i] += 1;
+            }
+            loads.iter().map(|&(id, _)| id).zip(got).collect::<Vec<_>>()
+        };
+        let cases: &[&[(u64, usize)]] = &[
+            &[(1, 0)],
+            &[(1, 0), (2, 0), (3, 0)],
+            &[(1, 5), (2, 0), (3, 2)],
+            &[(3, 1), (1, 1), (2, 9)],
+            &[(1, 100), (2, 0)],
+        ];
+        for loads in cases {
+            for count in [0, 1, 2, 3, 7, 10, 101] {
+                assert_eq!(
+                    spread(loads, count),
+                    one_by_one(loads, count),
+                    "{loads:?} {count}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
-use peerbus_proto::{ErrorCode, NodeKind, RegisterPeer, Request, Response, WireError};
+use peerbus_proto::{ErrorCode, NodeKind, RegisterPeer, Request, Response, Retention, WireError};
 use peerbus_store::Writer;
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
@@ -385,6 +385,19 @@ impl IndexService {
                 }
                 Err(e) => Err(e),
             },
+            Request::CreateTopics {
+                topics,
+                retention,
+                peer,
+            } => match TopicSet::distinct(topics)
+                .and_then(|set| self.read(|reg, _| reg.plan_create_many(set, peer.as_deref())))
+            {
+                Ok(plan) => {
+                    self.create_many(conn, id, plan, retention);
+                    return Answer::Later;
+                }
+                Err(e) => Err(e),
+            },
             Request::Subscribe(s) if s.follow.is_some() => Err(WireError::new(
                 ErrorCode::Unsupported,
                 "streaming subscriptions go to the hosting peer; look the topic up first",
@@ -522,6 +535,63 @@ async fn forward_to_peer(client: &Client, addr: &str, req: Request) -> Result<Re
         ));
     }
     relay(conn.request(req, false).await)
+}
+
+// Bulk topic creation (`CreateTopics`).
+impl IndexService {
+    /// Asks each host of `plan` to create its topics, all at once, in a task of its own (the
+    /// hosts claim them here on other connections before answering), and answers with what
+    /// each created, or with the first failure.
+    fn create_many(
+        &self,
+        conn: &Arc<ConnCtx>,
+        id: u32,
+        plan: Vec<(Host, Vec<String>)>,
+        retention: Retention,
+    ) {
+        let total: usize = plan.iter().map(|(_, t)| t.len()).sum();
+        if total > 0 {
+            tracing::info!("creating {total} topics on {} peers", plan.len());
+        }
+        let client = self.client.clone();
+        let conn = conn.clone();
+        self.forwards.spawn(async move {
+            let asks = plan.into_iter().map(|(host, topics)| {
+                let client = client.clone();
+                let req = Request::CreateTopics {
+                    topics,
+                    retention,
+                    peer: None,
+                };
+                async move { forward_to_peer(&client, &host.addr, req).await }
+            });
+            let result = tokio::select! {
+                r = futures::future::join_all(asks) => r,
+                _ = conn.closed.cancelled() => return,
+            };
+            let mut created = Vec::new();
+            let mut failed = None;
+            for r in result {
+                match r {
+                    Ok(Response::Created(c)) => created.extend(c),
+                    Ok(other) => {
+                        failed.get_or_insert(WireError::new(
+                            ErrorCode::Internal,
+                            format!("a peer answered create_topics with {other:?}"),
+                        ));
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            let answer = match failed {
+                Some(e) => Err(e),
+                None => Ok(Response::Created(created)),
+            };
+            conn.reply(id, answer).await;
+        });
+    }
 }
 
 /// How a request is answered.

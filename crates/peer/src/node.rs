@@ -1126,6 +1126,17 @@ impl Service for PeerService {
                     conn.reply(id, r).await;
                 });
             }
+            Request::CreateTopics {
+                topics,
+                retention,
+                peer: _,
+            } => {
+                let (node, conn) = (node.clone(), conn.clone());
+                tokio::spawn(async move {
+                    let r = node.create_topics(topics, retention).await;
+                    conn.reply(id, r).await;
+                });
+            }
             Request::DeleteTopic { topic } => {
                 let (node, conn) = (node.clone(), conn.clone());
                 tokio::spawn(async move {
@@ -1423,4 +1434,124 @@ async fn forward_topic_request(
     }
     let r = node.client.topic_request(&topic, req).await.map_err(relay);
     conn.reply(id, r).await;
+}
+
+// Bulk topic creation (`CreateTopics`).
+impl Node {
+    /// Creates every topic of `topics` on this peer: checks them all, claims them at the
+    /// index in one announce, then stores them in one write. Nothing is created when a name
+    /// is invalid, listed twice or taken.
+    async fn create_topics(
+        &self,
+        mut topics: Vec<String>,
+        retention: Retention,
+    ) -> Result<Response, WireError> {
+        for t in &topics {
+            peerbus_proto::validate_topic(t)?;
+        }
+        topics.sort_unstable();
+        if let Some(w) = topics.windows(2).find(|w| w[0] == w[1]) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("topic '{}' is listed twice", w[0]),
+            ));
+        }
+        let exists = |topic: &str| {
+            WireError::new(
+                ErrorCode::Exists,
+                format!("topic '{topic}' exists on peer {}", self.name),
+            )
+        };
+        {
+            let hosted = self.topics.lock().expect("topics lock");
+            if let Some(t) = topics.iter().find(|t| hosted.contains_key(t.as_str())) {
+                return Err(exists(t));
+            }
+        }
+        let created = |count: usize| {
+            Ok(Response::Created(vec![peerbus_proto::CreatedOn {
+                peer_id: self.peer_id(),
+                peer_name: self.name.clone(),
+                addr: self.advertise.clone(),
+                count: count as u64,
+            }]))
+        };
+        if topics.is_empty() {
+            return created(0);
+        }
+        let lease = self.lease.lock().expect("lease lock").clone();
+        let Some(lease) = lease else {
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "peer {} is not registered with the index at {} right now, so it cannot claim {} topics",
+                    self.name,
+                    self.config.index,
+                    topics.len()
+                ),
+            ));
+        };
+        // Claim at the index first: it refuses names another peer hosts.
+        lease
+            .conn
+            .request(
+                Request::AnnounceTopics {
+                    auth: lease.auth.clone(),
+                    topics: topics.clone(),
+                    replace: false,
+                },
+                false,
+            )
+            .await
+            .map_err(relay)?;
+        let count = topics.len();
+        let first_id = {
+            let mut n = self.next_topic_id.lock().expect("id lock");
+            let first = *n;
+            *n += count as u64;
+            first
+        };
+        let created_ms = now_ms();
+        let mut ops = Vec::with_capacity(count);
+        let mut made = Vec::with_capacity(count);
+        for (i, name) in topics.into_iter().enumerate() {
+            let id = first_id + i as u64;
+            let meta = TopicMeta {
+                id,
+                retention,
+                low: 0,
+                created_ms,
+            };
+            made.push(Arc::new(Topic::new(
+                name.clone(),
+                id,
+                retention,
+                created_ms,
+                Retained::starting_at(0),
+                BTreeMap::new(),
+            )));
+            ops.push(Op::PutTopic { name, meta });
+        }
+        {
+            let mut hosted = self.topics.lock().expect("topics lock");
+            // A concurrent create may have taken a name since the check above.
+            if let Some(t) = made.iter().find(|t| hosted.contains_key(&t.name)) {
+                return Err(exists(&t.name));
+            }
+            hosted.reserve(count);
+            for t in made {
+                hosted.insert(t.name.clone(), t);
+            }
+        }
+        let done = self
+            .writer
+            .submit(ops, self.config.durability != Durability::Memory);
+        match done.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(internal(e)),
+            Err(_) => return Err(internal("the storage writer stopped")),
+        }
+        tracing::info!("created {count} topics");
+        created(count)
+    }
 }

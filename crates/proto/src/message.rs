@@ -276,6 +276,20 @@ pub enum Request {
         /// The batch's number in the producer's sequence for this topic, one more per batch.
         sequence: u64,
     },
+    /// Creates many topics in one request, all with the same retention. Sent to a peer, that
+    /// peer hosts them all; sent to the index, the index spreads them over the live peers
+    /// (least loaded first) or puts them all on the one named by `peer`, and each host
+    /// claims its share at the index in one announce and stores it in one write. Every
+    /// name must be valid, new and listed once, or nothing is created; the answer is
+    /// [`Response::Created`].
+    CreateTopics {
+        /// The topics.
+        topics: Vec<String>,
+        /// Retention policy of every topic.
+        retention: Retention,
+        /// Only for the index: the address or name of the peer that should host them.
+        peer: Option<String>,
+    },
 }
 
 impl Request {
@@ -327,6 +341,7 @@ impl Request {
             Request::ListParticipants => "list_participants",
             Request::ParticipantExists { .. } => "participant_exists",
             Request::PublishIdempotent { .. } => "publish_idempotent",
+            Request::CreateTopics { .. } => "create_topics",
         }
     }
 }
@@ -577,6 +592,21 @@ pub enum Response {
     Fetched(FetchReport),
     /// Answer to [`Request::ListParticipants`]: the names, sorted.
     Participants(Vec<String>),
+    /// Answer to [`Request::CreateTopics`]: how many topics each host took.
+    Created(Vec<CreatedOn>),
+}
+
+/// How many topics of a [`Request::CreateTopics`] one peer now hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedOn {
+    /// Id of the hosting peer.
+    pub peer_id: u64,
+    /// Name of the hosting peer.
+    pub peer_name: String,
+    /// Binary protocol address of the hosting peer.
+    pub addr: String,
+    /// Number of topics it created.
+    pub count: u64,
 }
 
 /// A file a peer offers.

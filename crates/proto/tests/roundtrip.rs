@@ -93,6 +93,16 @@ fn request() -> impl Strategy<Value = Request> {
                 peer,
             }
         }),
+        (
+            prop::collection::vec(name(), 0..4),
+            retention(),
+            prop::option::of(name())
+        )
+            .prop_map(|(topics, retention, peer)| Request::CreateTopics {
+                topics,
+                retention,
+                peer,
+            }),
         name().prop_map(|topic| Request::DeleteTopic { topic }),
         (name(), batch()).prop_map(|(topic, batch)| Request::Publish { topic, batch }),
         (name(), batch(), any::<u64>(), any::<u64>()).prop_map(
@@ -202,6 +212,18 @@ fn response() -> impl Strategy<Value = Response> {
                 .collect()
         )),
         location().prop_map(Response::Location),
+        prop::collection::vec((any::<u64>(), name(), name(), any::<u64>()), 0..3).prop_map(|v| {
+            Response::Created(
+                v.into_iter()
+                    .map(|(peer_id, peer_name, addr, count)| CreatedOn {
+                        peer_id,
+                        peer_name,
+                        addr,
+                        count,
+                    })
+                    .collect(),
+            )
+        }),
         prop::collection::vec(location(), 0..3).prop_map(Response::Topics),
         any::<(u64, u32)>().prop_map(|(first_offset, count)| Response::Published {
             first_offset,
