@@ -371,7 +371,7 @@ fn small_u64(u: &mut Unstructured) -> Result<u64> {
 }
 
 fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
-    Ok(match u.int_in_range(0..=29u8)? {
+    Ok(match u.int_in_range(0..=30u8)? {
         0 => Request::Ping,
         1 => Request::Register(RegisterPeer {
             name: peer_name(u, h)?,
@@ -506,11 +506,20 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
         28 => Request::ParticipantExists {
             name: subscriber(u)?,
         },
-        _ => Request::PublishIdempotent {
+        29 => Request::PublishIdempotent {
             topic: topic(u)?,
             batch: batch(u)?,
             producer: u.int_in_range(0..=3)?,
             sequence: small_u64(u)?,
+        },
+        _ => Request::CreateTopics {
+            topics: vec![topic(u)?, topic(u)?, topic(u)?],
+            retention: retention(u)?,
+            peer: if u.ratio(1, 3)? {
+                Some(peer_name(u, h)?)
+            } else {
+                None
+            },
         },
     })
 }
@@ -549,6 +558,7 @@ fn every_request_kind_is_generated(r: &Request) -> u8 {
         Request::ListParticipants => 27,
         Request::ParticipantExists { .. } => 28,
         Request::PublishIdempotent { .. } => 29,
+        Request::CreateTopics { .. } => 30,
     }
 }
 
