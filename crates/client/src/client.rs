@@ -266,14 +266,17 @@ impl Client {
             ))));
             return PublishAck(rx);
         }
-        let batcher = self
-            .inner
-            .batchers
-            .lock()
-            .expect("batchers lock")
-            .entry(topic.to_string())
-            .or_insert_with(|| Arc::new(Batcher::new()))
-            .clone();
+        let batcher = {
+            let mut batchers = self.inner.batchers.lock().expect("batchers lock");
+            // Looked up before inserting, so a publish to a known topic allocates nothing.
+            match batchers.get(topic) {
+                Some(b) => b.clone(),
+                None => batchers
+                    .entry(topic.to_string())
+                    .or_insert_with(|| Arc::new(Batcher::new()))
+                    .clone(),
+            }
+        };
         let start = {
             let mut st = batcher.state.lock().expect("batcher lock");
             st.queue.push_back((payload, tx));

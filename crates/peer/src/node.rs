@@ -698,6 +698,7 @@ impl Node {
         for &len in &batch.lens {
             st.retained.push(len, now);
         }
+        st.tail.push(first, now, batch.clone());
         let mut ops = vec![Op::Append {
             topic_id: t.id,
             first_offset: first,
@@ -769,6 +770,16 @@ impl Node {
             return Ok(set);
         }
         let want = max.min((hw - from) as usize).min(MAX_READ_MESSAGES);
+        {
+            // Recent messages come from the topic's tail in memory, unless retention has
+            // removed them meanwhile.
+            let st = t.state.lock().expect("topic lock");
+            if from >= st.retained.low()
+                && let Some(set) = st.tail.read(&t.name, from, hw, want)
+            {
+                return Ok(set);
+            }
+        }
         let msgs = self
             .backend
             .read(t.id, from, want, MAX_READ_BYTES)
@@ -916,6 +927,8 @@ impl Appended {
                     Ok(Err(e)) => Err(internal(e)),
                     Err(_) => Err(internal("the storage writer stopped")),
                 };
+                // What was not written must never be served from memory.
+                t.state.lock().expect("topic lock").tail.clear();
                 if let Some(u) = undo {
                     let mut st = t.state.lock().expect("topic lock");
                     // Only if no later batch of the producer was recorded meanwhile.

@@ -1,10 +1,10 @@
 //! A hosted topic: its offsets, retention accounting, subscribers and the durable high
 //! watermark that wakes readers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use peerbus_proto::{Retention, StartFrom};
+use peerbus_proto::{Batch, MessageSet, Retention, StartFrom};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,91 @@ pub(crate) struct TopicState {
     /// answered with its offsets instead of being stored twice. Recorded when the batch is
     /// queued for storage (not when durable), so a retry racing the original finds it.
     pub producers: HashMap<u64, Produced>,
+    /// The most recently appended batches, as they arrived, so followers of a busy topic are
+    /// served from memory (no store read, no copy) while they keep up.
+    pub tail: Tail,
+}
+
+/// Payload bytes of recent batches a topic keeps in memory for its followers.
+pub(crate) const TAIL_BYTES: usize = 8 << 20;
+
+/// Recent batches in offset order, without gaps, at most [`TAIL_BYTES`] of payload (plus the
+/// newest batch, however big).
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    batches: VecDeque<Recent>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Recent {
+    first: u64,
+    timestamp_ms: u64,
+    batch: Batch,
+}
+
+impl Tail {
+    /// Remembers a batch appended at `first`; forgets the oldest beyond the byte budget.
+    pub fn push(&mut self, first: u64, timestamp_ms: u64, batch: Batch) {
+        if self
+            .batches
+            .back()
+            .is_some_and(|b| b.first + b.batch.len() as u64 != first)
+        {
+            self.batches.clear();
+            self.bytes = 0;
+        }
+        self.bytes += batch.data.len();
+        self.batches.push_back(Recent {
+            first,
+            timestamp_ms,
+            batch,
+        });
+        while self.bytes > TAIL_BYTES && self.batches.len() > 1 {
+            let old = self.batches.pop_front().expect("more than one batch");
+            self.bytes -= old.batch.data.len();
+        }
+    }
+
+    /// Forgets everything (after a failed write, whose batches may never be stored).
+    pub fn clear(&mut self) {
+        self.batches.clear();
+        self.bytes = 0;
+    }
+
+    /// The messages from `from` up to (not including) `end` that one remembered batch holds,
+    /// at most `max`, sharing the batch's buffer; `None` when `from` is not in the tail.
+    pub fn read(&self, topic: &str, from: u64, end: u64, max: usize) -> Option<MessageSet> {
+        let oldest = self.batches.front()?;
+        if from < oldest.first || from >= end || max == 0 {
+            return None;
+        }
+        let i = self
+            .batches
+            .partition_point(|b| b.first + b.batch.len() as u64 <= from);
+        let r = self.batches.get(i)?;
+        let skip = (from - r.first) as usize;
+        let take = (r.batch.len() - skip)
+            .min((end - from) as usize)
+            .min(max);
+        let batch = if skip == 0 && take == r.batch.len() {
+            r.batch.clone()
+        } else {
+            let start: usize = r.batch.lens[..skip].iter().map(|&l| l as usize).sum();
+            let lens = r.batch.lens[skip..skip + take].to_vec();
+            let len: usize = lens.iter().map(|&l| l as usize).sum();
+            Batch {
+                lens,
+                data: r.batch.data.slice(start..start + len),
+            }
+        };
+        Some(MessageSet {
+            topic: topic.to_string(),
+            first_offset: from,
+            timestamps: vec![r.timestamp_ms; take],
+            batch,
+        })
+    }
 }
 
 /// The last batch an idempotent producer published to a topic.
@@ -103,6 +188,7 @@ impl Topic {
                 retained,
                 subscribers,
                 producers: HashMap::new(),
+                tail: Tail::default(),
             }),
             durable: watch::Sender::new(next),
             deleted: CancellationToken::new(),
@@ -142,5 +228,37 @@ impl TopicState {
 
     pub fn min_committed(&self) -> Option<u64> {
         self.subscribers.values().copied().min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_serves_whole_and_partial_batches_and_forgets_old_ones() {
+        let mut t = Tail::default();
+        t.push(10, 1, Batch::from_payloads([b"a".as_slice(), b"bc", b"def"]));
+        t.push(13, 2, Batch::from_payloads([b"gh".as_slice()]));
+        assert!(t.read("t", 9, 14, 10).is_none());
+        let whole = t.read("t", 10, 14, 10).unwrap();
+        assert_eq!(whole.first_offset, 10);
+        assert_eq!(whole.batch, Batch::from_payloads([b"a".as_slice(), b"bc", b"def"]));
+        let part = t.read("t", 11, 12, 10).unwrap();
+        assert_eq!(part.batch, Batch::from_payloads([b"bc".as_slice()]));
+        assert_eq!(part.timestamps, vec![1]);
+        let next = t.read("t", 13, 14, 10).unwrap();
+        assert_eq!(next.batch, Batch::from_payloads([b"gh".as_slice()]));
+        assert!(t.read("t", 14, 14, 10).is_none());
+        // A gap starts the tail afresh.
+        t.push(20, 3, Batch::from_payloads([b"x".as_slice()]));
+        assert!(t.read("t", 10, 21, 10).is_none());
+        assert_eq!(t.read("t", 20, 21, 10).unwrap().len(), 1);
+        // The byte budget keeps at least the newest batch.
+        let big = vec![0u8; TAIL_BYTES];
+        t.push(21, 4, Batch::from_payloads([big.as_slice()]));
+        t.push(22, 5, Batch::from_payloads([big.as_slice()]));
+        assert!(t.read("t", 21, 23, 10).is_none());
+        assert_eq!(t.read("t", 22, 23, 10).unwrap().len(), 1);
     }
 }
