@@ -96,9 +96,7 @@ impl Tail {
             .partition_point(|b| b.first + b.batch.len() as u64 <= from);
         let r = self.batches.get(i)?;
         let skip = (from - r.first) as usize;
-        let take = (r.batch.len() - skip)
-            .min((end - from) as usize)
-            .min(max);
+        let take = (r.batch.len() - skip).min((end - from) as usize).min(max);
         let batch = if skip == 0 && take == r.batch.len() {
             r.batch.clone()
         } else {
@@ -238,12 +236,19 @@ mod tests {
     #[test]
     fn tail_serves_whole_and_partial_batches_and_forgets_old_ones() {
         let mut t = Tail::default();
-        t.push(10, 1, Batch::from_payloads([b"a".as_slice(), b"bc", b"def"]));
+        t.push(
+            10,
+            1,
+            Batch::from_payloads([b"a".as_slice(), b"bc", b"def"]),
+        );
         t.push(13, 2, Batch::from_payloads([b"gh".as_slice()]));
         assert!(t.read("t", 9, 14, 10).is_none());
         let whole = t.read("t", 10, 14, 10).unwrap();
         assert_eq!(whole.first_offset, 10);
-        assert_eq!(whole.batch, Batch::from_payloads([b"a".as_slice(), b"bc", b"def"]));
+        assert_eq!(
+            whole.batch,
+            Batch::from_payloads([b"a".as_slice(), b"bc", b"def"])
+        );
         let part = t.read("t", 11, 12, 10).unwrap();
         assert_eq!(part.batch, Batch::from_payloads([b"bc".as_slice()]));
         assert_eq!(part.timestamps, vec![1]);
