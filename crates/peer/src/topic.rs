@@ -40,6 +40,9 @@ pub(crate) struct TopicState {
 /// Payload bytes of recent batches a topic keeps in memory for its followers.
 pub(crate) const TAIL_BYTES: usize = 8 << 20;
 
+/// Payload bytes one read from the tail gathers across batches at most (like a store read).
+const READ_BYTES: usize = 4 << 20;
+
 /// Recent batches in offset order, without gaps, at most [`TAIL_BYTES`] of payload (plus the
 /// newest batch, however big).
 #[derive(Debug, Default)]
@@ -94,24 +97,55 @@ impl Tail {
         let i = self
             .batches
             .partition_point(|b| b.first + b.batch.len() as u64 <= from);
-        let r = self.batches.get(i)?;
-        let skip = (from - r.first) as usize;
-        let take = (r.batch.len() - skip).min((end - from) as usize).min(max);
-        let batch = if skip == 0 && take == r.batch.len() {
-            r.batch.clone()
-        } else {
+        let want = ((end - from) as usize).min(max);
+        // One batch's messages share its buffer; a read spanning batches copies them into one.
+        let mut pieces = Vec::new();
+        let (mut at, mut got, mut bytes) = (from, 0usize, 0usize);
+        for r in self.batches.range(i..) {
+            if got >= want || (got > 0 && bytes >= READ_BYTES) {
+                break;
+            }
+            let skip = (at - r.first) as usize;
+            let take = (r.batch.len() - skip).min(want - got);
             let start: usize = r.batch.lens[..skip].iter().map(|&l| l as usize).sum();
-            let lens = r.batch.lens[skip..skip + take].to_vec();
-            let len: usize = lens.iter().map(|&l| l as usize).sum();
+            let len: usize = r.batch.lens[skip..skip + take]
+                .iter()
+                .map(|&l| l as usize)
+                .sum();
+            pieces.push((r, skip, take, start, len));
+            got += take;
+            bytes += len;
+            at += take as u64;
+        }
+        let mut timestamps = Vec::with_capacity(got);
+        let batch = if let [(r, 0, take, _, _)] = pieces[..]
+            && take == r.batch.len()
+        {
+            timestamps.resize(take, r.timestamp_ms);
+            r.batch.clone()
+        } else if let [(r, skip, take, start, len)] = pieces[..] {
+            timestamps.resize(take, r.timestamp_ms);
+            Batch {
+                lens: r.batch.lens[skip..skip + take].to_vec(),
+                data: r.batch.data.slice(start..start + len),
+            }
+        } else {
+            let mut lens = Vec::with_capacity(got);
+            let mut data = Vec::with_capacity(bytes);
+            for (r, skip, take, start, len) in pieces {
+                lens.extend_from_slice(&r.batch.lens[skip..skip + take]);
+                data.extend_from_slice(&r.batch.data[start..start + len]);
+                timestamps.extend(std::iter::repeat_n(r.timestamp_ms, take));
+            }
             Batch {
                 lens,
-                data: r.batch.data.slice(start..start + len),
+                data: bytes::Bytes::from(data),
             }
         };
         Some(MessageSet {
             topic: topic.to_string(),
             first_offset: from,
-            timestamps: vec![r.timestamp_ms; take],
+            timestamps,
             batch,
         })
     }
@@ -243,7 +277,7 @@ mod tests {
         );
         t.push(13, 2, Batch::from_payloads([b"gh".as_slice()]));
         assert!(t.read("t", 9, 14, 10).is_none());
-        let whole = t.read("t", 10, 14, 10).unwrap();
+        let whole = t.read("t", 10, 13, 10).unwrap();
         assert_eq!(whole.first_offset, 10);
         assert_eq!(
             whole.batch,
@@ -252,6 +286,12 @@ mod tests {
         let part = t.read("t", 11, 12, 10).unwrap();
         assert_eq!(part.batch, Batch::from_payloads([b"bc".as_slice()]));
         assert_eq!(part.timestamps, vec![1]);
+        let both = t.read("t", 11, 14, 10).unwrap();
+        assert_eq!(
+            both.batch,
+            Batch::from_payloads([b"bc".as_slice(), b"def", b"gh"])
+        );
+        assert_eq!(both.timestamps, vec![1, 1, 2]);
         let next = t.read("t", 13, 14, 10).unwrap();
         assert_eq!(next.batch, Batch::from_payloads([b"gh".as_slice()]));
         assert!(t.read("t", 14, 14, 10).is_none());
