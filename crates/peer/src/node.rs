@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::LeaseCell;
 use crate::retention::Retained;
 use crate::share::{Changes, PARTIAL_DIR, PieceError, Share, SharedFile};
-use crate::topic::{Produced, Topic, parse_producer_key, producer_key};
+use crate::topic::{Produced, TailBudget, Topic, parse_producer_key, producer_key};
 use crate::{Durability, PeerConfig};
 
 /// Most messages one pull or delivery carries.
@@ -69,6 +69,8 @@ pub(crate) struct Node {
     /// Following subscriptions by (connection, subscription id), to stop them on request.
     follows: Mutex<HashMap<(u64, u64), CancellationToken>>,
     next_topic_id: Mutex<u64>,
+    /// What the tails of all hosted topics hold in memory together.
+    tails: TailBudget,
 }
 
 impl std::fmt::Debug for Node {
@@ -98,6 +100,7 @@ impl Node {
             .unwrap_or(default_name);
         let mut topics = HashMap::new();
         let mut max_id = 0;
+        let tails = TailBudget::default();
         // Idempotent producers' last batches, by topic id, so a restarted peer still
         // recognises a resent batch.
         let mut producers: HashMap<u64, HashMap<u64, Produced>> = HashMap::new();
@@ -127,6 +130,7 @@ impl Node {
                 meta.created_ms,
                 retained,
                 subscribers,
+                tails.clone(),
             );
             topic.state.lock().expect("topic lock").producers =
                 producers.remove(&meta.id).unwrap_or_default();
@@ -151,6 +155,7 @@ impl Node {
             next_download: AtomicU64::new(0),
             follows: Mutex::new(HashMap::new()),
             next_topic_id: Mutex::new(max_id + 1),
+            tails,
             config,
         })
     }
@@ -557,6 +562,7 @@ impl Node {
             meta.created_ms,
             Retained::starting_at(0),
             BTreeMap::new(),
+            self.tails.clone(),
         ));
         {
             let mut topics = self.topics.lock().expect("topics lock");
@@ -1542,6 +1548,7 @@ impl Node {
                 created_ms,
                 Retained::starting_at(0),
                 BTreeMap::new(),
+                self.tails.clone(),
             )));
             ops.push(Op::PutTopic { name, meta });
         }

@@ -2,7 +2,8 @@
 //! watermark that wakes readers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use peerbus_proto::{Batch, MessageSet, Retention, StartFrom};
 use tokio::sync::watch;
@@ -40,15 +41,39 @@ pub(crate) struct TopicState {
 /// Payload bytes of recent batches a topic keeps in memory for its followers.
 pub(crate) const TAIL_BYTES: usize = 8 << 20;
 
+/// Payload bytes all of a node's topic tails keep together, so many busy topics can't add up
+/// to more memory than one node should spend on them (a tail that would cross it is
+/// dropped and its followers read from the store instead).
+pub(crate) const NODE_TAIL_BYTES: usize = 64 << 20;
+
+/// The tail bytes a node's topics hold in total, shared by all of them.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct TailBudget(Arc<AtomicUsize>);
+
+impl TailBudget {
+    /// Bytes held by all tails now.
+    pub fn used(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Payload bytes one read from the tail gathers across batches at most (like a store read).
 const READ_BYTES: usize = 4 << 20;
 
 /// Recent batches in offset order, without gaps, at most [`TAIL_BYTES`] of payload (plus the
-/// newest batch, however big).
-#[derive(Debug, Default)]
+/// newest batch, however big), and never more than the node's [`NODE_TAIL_BYTES`] allow.
+#[derive(Debug)]
 pub(crate) struct Tail {
     batches: VecDeque<Recent>,
     bytes: usize,
+    budget: TailBudget,
+    limit: usize,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 #[derive(Debug)]
@@ -59,30 +84,58 @@ struct Recent {
 }
 
 impl Tail {
-    /// Remembers a batch appended at `first`; forgets the oldest beyond the byte budget.
+    /// An empty tail drawing on the node's `budget`, which all its tails hold at most `limit`
+    /// bytes of.
+    pub fn new(budget: TailBudget, limit: usize) -> Tail {
+        Tail {
+            batches: VecDeque::new(),
+            bytes: 0,
+            budget,
+            limit,
+        }
+    }
+
+    /// Remembers a batch appended at `first`; forgets the oldest beyond the topic's byte
+    /// budget, and everything when the node's budget can't take the batch.
     pub fn push(&mut self, first: u64, timestamp_ms: u64, batch: Batch) {
         if self
             .batches
             .back()
             .is_some_and(|b| b.first + b.batch.len() as u64 != first)
         {
-            self.batches.clear();
-            self.bytes = 0;
+            self.clear();
         }
-        self.bytes += batch.data.len();
+        let len = batch.data.len();
+        while !self.batches.is_empty() && self.budget.used() + len > self.limit {
+            self.pop_oldest();
+        }
+        if self.budget.used() + len > self.limit {
+            // Other topics hold the node's budget; this one's followers read the store.
+            return;
+        }
+        self.bytes += len;
+        self.budget.0.fetch_add(len, Ordering::Relaxed);
         self.batches.push_back(Recent {
             first,
             timestamp_ms,
             batch,
         });
         while self.bytes > TAIL_BYTES && self.batches.len() > 1 {
-            let old = self.batches.pop_front().expect("more than one batch");
-            self.bytes -= old.batch.data.len();
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(old) = self.batches.pop_front() {
+            let len = old.batch.data.len();
+            self.bytes -= len;
+            self.budget.0.fetch_sub(len, Ordering::Relaxed);
         }
     }
 
     /// Forgets everything (after a failed write, whose batches may never be stored).
     pub fn clear(&mut self) {
+        self.budget.0.fetch_sub(self.bytes, Ordering::Relaxed);
         self.batches.clear();
         self.bytes = 0;
     }
@@ -209,6 +262,7 @@ impl Topic {
         created_ms: u64,
         retained: Retained,
         subscribers: BTreeMap<String, u64>,
+        tails: TailBudget,
     ) -> Topic {
         let next = retained.next();
         Topic {
@@ -220,7 +274,7 @@ impl Topic {
                 retained,
                 subscribers,
                 producers: HashMap::new(),
-                tail: Tail::default(),
+                tail: Tail::new(tails, NODE_TAIL_BYTES),
             }),
             durable: watch::Sender::new(next),
             deleted: CancellationToken::new(),
@@ -269,7 +323,7 @@ mod tests {
 
     #[test]
     fn tail_serves_whole_and_partial_batches_and_forgets_old_ones() {
-        let mut t = Tail::default();
+        let mut t = Tail::new(TailBudget::default(), NODE_TAIL_BYTES);
         t.push(
             10,
             1,
@@ -305,5 +359,30 @@ mod tests {
         t.push(22, 5, Batch::from_payloads([big.as_slice()]));
         assert!(t.read("t", 21, 23, 10).is_none());
         assert_eq!(t.read("t", 22, 23, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tails_of_all_topics_stay_within_the_node_budget() {
+        let budget = TailBudget::default();
+        let limit = 10;
+        let mut a = Tail::new(budget.clone(), limit);
+        let mut b = Tail::new(budget.clone(), limit);
+        a.push(0, 1, Batch::from_payloads([[0u8; 6].as_slice()]));
+        assert_eq!(budget.used(), 6);
+        // b can't fit beside a, and a holds nothing b could give up: b keeps nothing.
+        b.push(0, 1, Batch::from_payloads([[0u8; 6].as_slice()]));
+        assert_eq!(budget.used(), 6);
+        assert!(b.read("b", 0, 1, 10).is_none());
+        // a gives up its own older batch to make room for its newer one.
+        a.push(1, 2, Batch::from_payloads([[0u8; 6].as_slice()]));
+        assert_eq!(budget.used(), 6);
+        assert!(a.read("a", 0, 2, 10).is_none());
+        assert_eq!(a.read("a", 1, 2, 10).unwrap().len(), 1);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        b.push(1, 2, Batch::from_payloads([[0u8; 4].as_slice()]));
+        assert_eq!(budget.used(), 4);
+        b.clear();
+        assert_eq!(budget.used(), 0);
     }
 }
