@@ -642,9 +642,11 @@ impl Registry {
     /// whole request before anything changes. With `replace`, topics the peer held but no
     /// longer lists are withdrawn.
     ///
-    /// Both sets are sorted, so the diff is one merge pass and only topics new to the peer
-    /// are looked up in the directory: a peer re-announcing a million unchanged topics
-    /// costs a linear walk, not a million lookups.
+    /// With `replace`, both sets are sorted, so the diff is one merge pass and only topics
+    /// new to the peer are looked up in the directory: a peer re-announcing a million
+    /// unchanged topics costs a linear walk, not a million lookups. Without, each listed
+    /// topic is one directory lookup, so claiming a few topics costs nothing like a walk
+    /// over everything the peer already holds.
     pub fn announce(
         &mut self,
         auth: &PeerAuth,
@@ -655,28 +657,34 @@ impl Registry {
         let id = auth.peer_id;
         let mut added = Vec::new();
         let mut removed = Vec::new();
-        let mut held = peer.topics.iter().peekable();
-        for t in &topics.0 {
-            while let Some(&h) = held.peek()
-                && h < t
-            {
-                if replace {
-                    removed.push(h.clone());
-                }
-                held.next();
-            }
-            if held.peek() == Some(&t) {
-                held.next();
-            } else {
-                // Not the peer's, so any directory entry belongs to another peer.
-                if let Some(&holder) = self.directory.get(t) {
-                    return Err(topic_exists(t, &self.peers[&holder].rec.name));
-                }
-                added.push(t.clone());
-            }
-        }
         if replace {
+            let mut held = peer.topics.iter().peekable();
+            for t in &topics.0 {
+                while let Some(&h) = held.peek()
+                    && h < t
+                {
+                    removed.push(h.clone());
+                    held.next();
+                }
+                if held.peek() == Some(&t) {
+                    held.next();
+                } else {
+                    // Not the peer's, so any directory entry belongs to another peer.
+                    if let Some(&holder) = self.directory.get(t) {
+                        return Err(topic_exists(t, &self.peers[&holder].rec.name));
+                    }
+                    added.push(t.clone());
+                }
+            }
             removed.extend(held.cloned());
+        } else {
+            for t in &topics.0 {
+                match self.directory.get(t) {
+                    Some(&holder) if holder == id => {}
+                    Some(&holder) => return Err(topic_exists(t, &self.peers[&holder].rec.name)),
+                    None => added.push(t.clone()),
+                }
+            }
         }
         let name = peer.rec.name.clone();
 
