@@ -37,7 +37,7 @@ pub enum SubEvent {
 struct Shared {
     addr: String,
     node: NodeKind,
-    tx: mpsc::Sender<peerbus_net::Queued<ClientFrame>>,
+    tx: peerbus_net::Outbox<ClientFrame>,
     pending: Mutex<HashMap<u32, Pending>>,
     subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
     next_id: AtomicU32,
@@ -66,8 +66,7 @@ impl Connection {
             .map_err(|e| fail(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        let (tx, rx) = mpsc::channel(peerbus_net::OUTBOX_FRAMES);
-        peerbus_net::spawn_writer(w, rx);
+        let (tx, _flusher) = peerbus_net::Outbox::new(w);
         let mut frames = FramedRead::with_capacity(
             r,
             FrameCodec::new(peerbus_proto::DEFAULT_MAX_FRAME),
@@ -233,7 +232,7 @@ impl Connection {
             forward: false,
             body: Request::StopFollow { sub },
         };
-        let _ = self.shared.tx.try_send(frame.into());
+        let _ = self.shared.tx.send_now(frame.into());
     }
 
     /// Closes the connection; requests in flight fail with [`ClientError::Closed`].

@@ -1,7 +1,8 @@
 //! Framed TCP connections shared by every peerbus node and client.
 //!
-//! [`spawn_writer`] owns a socket's write half: it drains a queue of frames into one buffer
-//! and writes it with one syscall, so a burst of responses or deliveries costs one write.
+//! [`Outbox`] is a socket's sending side: a sender writes its frame from its own task when
+//! the socket is free, and a flusher task writes whatever the socket did not take at once,
+//! so a round trip crosses no extra task while a burst still leaves in large writes.
 //! [`serve`] is a node's accept loop: connection limit, hello handshake with protocol and
 //! token checks, a read loop that hands each request to a [`Service`] in arrival order,
 //! and clean closing on garbage, oversized frames, connections that never ask anything
@@ -16,4 +17,4 @@ pub use server::{
     Service, serve,
 };
 pub use trace::summarize;
-pub use writer::{OUTBOX_BYTES, OUTBOX_FRAMES, Queued, spawn_writer};
+pub use writer::{OUTBOX_BYTES, Outbox, OutboxClosed, Queued};

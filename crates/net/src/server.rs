@@ -10,12 +10,12 @@ use peerbus_proto::{
     ServerFrame, WireError,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::writer::{Budget, OUTBOX_FRAMES, Queued, spawn_writer};
+use crate::writer::{Budget, Outbox};
 
 /// Default for [`ServerConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -85,7 +85,7 @@ pub struct ConnCtx {
     pub id: u64,
     /// The client's address.
     pub remote: SocketAddr,
-    out: mpsc::Sender<Queued<ServerFrame>>,
+    out: Outbox<ServerFrame>,
     budget: Budget,
     /// Cancelled when the connection closes, so tasks serving it (subscriptions) stop.
     pub closed: CancellationToken,
@@ -174,8 +174,7 @@ pub async fn serve<S: Service>(
 
 async fn refuse(stream: TcpStream, err: WireError) {
     let (_, w) = stream.into_split();
-    let (tx, rx) = mpsc::channel(1);
-    let writer = spawn_writer(w, rx);
+    let (tx, writer) = Outbox::new(w);
     let _ = tx.send(ServerFrame::Refused(err).into()).await;
     drop(tx);
     let _ = writer.await;
@@ -198,8 +197,7 @@ async fn connection<S: Service>(
     shutdown: CancellationToken,
 ) {
     let (r, w) = stream.into_split();
-    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
-    let writer = spawn_writer(w, rx);
+    let (tx, writer) = Outbox::new(w);
     let mut frames = FramedRead::with_capacity(r, FrameCodec::new(config.max_frame), 64 * 1024);
     let ctx = Arc::new(ConnCtx {
         id,

@@ -1,13 +1,13 @@
 //! The `query` scenario: with many topics loaded on the index (1,000,000 in a full run),
 //! the response time of topic lookup with 2, 4 and 8 concurrent clients, each making 1,000
-//! requests one after another.
+//! requests one after another, after a warm-up that lets the stores settle.
 
 use crate::Options;
 use crate::report::{Plot, Series, Table};
 use crate::stats::rate;
 use crate::target::{Spec, Target};
 
-use super::topics::{clean_up, lookups, register, unique_prefix, us};
+use super::topics::{clean_up, lookups, register, unique_prefix, us, warm_up};
 
 /// Runs the scenario; returns its summary lines.
 pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
@@ -33,6 +33,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
         "loaded {n} topics in {:.3} s",
         loaded.elapsed.as_secs_f64()
     )];
+    summary.push(warm_up(&target, options, &prefix, n, 8).await?);
     let (mut p50s, mut p99s, mut means) = (Vec::new(), Vec::new(), Vec::new());
     for clients in [2usize, 4, 8] {
         let (lat, elapsed) = lookups(
