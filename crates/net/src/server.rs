@@ -107,6 +107,19 @@ impl ConnCtx {
         }
     }
 
+    /// Queues a frame only if the byte budget and the outbox have room right now; `false`
+    /// otherwise (or once the connection is gone), and nothing was sent.
+    pub fn try_send(&self, frame: ServerFrame) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        let bytes = frame.wire_size();
+        match self.budget.try_queue(frame, bytes) {
+            Some(queued) => self.out.try_send(queued),
+            None => false,
+        }
+    }
+
     /// Answers request `id`.
     pub async fn reply(&self, id: u32, body: Result<Response, WireError>) -> bool {
         self.send(ServerFrame::Response { id, body }).await

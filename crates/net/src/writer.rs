@@ -40,6 +40,16 @@ impl Budget {
         Budget(Arc::new(Semaphore::new(OUTBOX_BYTES)))
     }
 
+    /// Reserves `bytes` if they fit now.
+    pub(crate) fn try_queue<T>(&self, frame: T, bytes: usize) -> Option<Queued<T>> {
+        let n = bytes.clamp(1, OUTBOX_BYTES) as u32;
+        let permit = self.0.clone().try_acquire_many_owned(n).ok()?;
+        Some(Queued {
+            frame,
+            permit: Some(permit),
+        })
+    }
+
     /// Reserves `bytes` (at most the whole budget, so one huge frame still goes out alone).
     pub(crate) async fn queue<T>(&self, frame: T, bytes: usize) -> Option<Queued<T>> {
         let n = bytes.clamp(1, OUTBOX_BYTES) as u32;
@@ -164,6 +174,16 @@ impl<T: Serialize> Outbox<T> {
             return Err(OutboxClosed);
         }
         self.append(&mut st, &queued.frame, queued.permit)
+    }
+
+    /// Sends `frame` only if the buffer has room, without waiting; `false` when it is full
+    /// or the connection is gone. For callers that must not wait and can fall back.
+    pub fn try_send(&self, queued: Queued<T>) -> bool {
+        let mut st = self.inner.lock();
+        if st.failed || st.buf.len() >= OUTBOX_BYTES {
+            return false;
+        }
+        self.append(&mut st, &queued.frame, queued.permit).is_ok()
     }
 
     fn append(

@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::LeaseCell;
 use crate::retention::Retained;
 use crate::share::{Changes, PARTIAL_DIR, PieceError, Share, SharedFile};
-use crate::topic::{Produced, TailBudget, Topic, parse_producer_key, producer_key};
+use crate::topic::{
+    Handback, Live, Produced, TailBudget, Topic, TopicState, parse_producer_key, producer_key,
+};
 use crate::{Durability, PeerConfig};
 
 /// Most messages one pull or delivery carries.
@@ -206,6 +208,39 @@ impl Node {
 
     fn sync(&self) -> bool {
         self.config.durability == Durability::Sync
+    }
+
+    /// Stores `ops`; the receiver completes once they are stored (and fsynced if `sync`).
+    ///
+    /// In memory mode nothing goes to disk, so the ops are applied right here instead of
+    /// by the writer thread: waking that thread for every publish and every delivered
+    /// batch's commit was most of a round trip's task switches. The caller's lock is what
+    /// orders them then (the topic lock, for a topic's appends).
+    fn store(
+        &self,
+        ops: Vec<Op>,
+        sync: bool,
+    ) -> tokio::sync::oneshot::Receiver<peerbus_store::Result<()>> {
+        match self.config.durability {
+            Durability::Memory => {
+                let (done, rx) = tokio::sync::oneshot::channel();
+                let _ = done.send(self.backend.apply(&ops));
+                rx
+            }
+            _ => self.writer.submit(ops, sync),
+        }
+    }
+
+    /// Stores `ops` that nobody waits for (positions, retention); failures are logged.
+    fn store_detached(&self, ops: Vec<Op>) {
+        match self.config.durability {
+            Durability::Memory => {
+                if let Err(e) = self.backend.apply(&ops) {
+                    tracing::error!("storage write failed: {e}");
+                }
+            }
+            _ => self.writer.submit_detached(ops),
+        }
     }
 
     /// This peer's id at the index; 0 while it holds no lease.
@@ -574,12 +609,13 @@ impl Node {
             }
             topics.insert(topic.clone(), t);
         }
-        let done = self.writer.submit(
+        // Topic metadata is fsynced in os mode too, as before the writes of its messages.
+        let done = self.store(
             vec![Op::PutTopic {
                 name: topic.clone(),
                 meta,
             }],
-            self.config.durability != Durability::Memory,
+            true,
         );
         match done.await {
             Ok(Ok(())) => {}
@@ -619,9 +655,7 @@ impl Node {
                     key: producer_key(t.id, p),
                 }),
         );
-        let done = self
-            .writer
-            .submit(ops, self.config.durability != Durability::Memory);
+        let done = self.store(ops, true);
         let stored = done.await;
         let lease = self.lease.lock().expect("lease lock").clone();
         if let Some(lease) = lease {
@@ -715,6 +749,7 @@ impl Node {
             st.retained.push(len, now);
         }
         st.tail.push(first, now, batch.clone());
+        let fresh = batch.clone();
         let mut ops = vec![Op::Append {
             topic_id: t.id,
             first_offset: first,
@@ -746,21 +781,14 @@ impl Node {
             st.retained.drop_below(cut);
             ops.extend(self.truncate_ops(t, cut));
         }
-        let rx = if self.config.durability == Durability::Memory {
-            // Nothing goes to disk in this mode, so the batch is stored right here, under the
-            // topic lock that keeps appends in offset order, instead of by the writer
-            // thread: two fewer task switches between a publish and its followers.
-            let (done, rx) = tokio::sync::oneshot::channel();
-            let _ = done.send(self.backend.apply(&ops));
-            rx
-        } else {
-            self.writer.submit(ops, self.sync())
-        };
+        // Under the topic lock, which keeps a memory-mode store in offset order.
+        let rx = self.store(ops, self.sync());
         Ok(Appended::Queued {
             first,
             count: n,
             rx,
             undo,
+            fresh: Some((now, fresh)),
         })
     }
 
@@ -838,18 +866,36 @@ impl Node {
 
     /// Moves a subscriber's committed position and applies `consumed` retention.
     fn commit(&self, t: &Topic, subscriber: &str, offset: u64) {
-        let mut ops = vec![Op::SetOffset {
-            topic_id: t.id,
-            subscriber: subscriber.to_string(),
-            offset,
-        }];
         let mut st = t.state.lock().expect("topic lock");
+        let mut ops = Vec::new();
+        self.commit_locked(t, &mut st, subscriber, offset, &mut ops);
+        drop(st);
+        if !ops.is_empty() {
+            self.store_detached(ops);
+        }
+    }
+
+    /// Records a subscriber's position and adds the ops that store it (and any `consumed`
+    /// retention it allows) to `ops`.
+    fn commit_locked(
+        &self,
+        t: &Topic,
+        st: &mut TopicState,
+        subscriber: &str,
+        offset: u64,
+        ops: &mut Vec<Op>,
+    ) {
         match st.subscribers.get_mut(subscriber) {
             Some(o) if *o >= offset => return,
             Some(o) => *o = offset,
             // Unsubscribed meanwhile: do not bring it back.
             None => return,
         }
+        ops.push(Op::SetOffset {
+            topic_id: t.id,
+            subscriber: subscriber.to_string(),
+            offset,
+        });
         if t.retention.consumed {
             let min = st.min_committed();
             let cut = st.retained.cutoff(&t.retention, now_ms(), min);
@@ -858,7 +904,49 @@ impl Node {
                 ops.extend(self.truncate_ops(t, cut));
             }
         }
-        self.writer.submit_detached(ops);
+    }
+
+    /// Raises the durable watermark past a stored batch and hands the batch to the live
+    /// followers that expect exactly it. Both under the topic lock, so a follower going live
+    /// never misses a batch between its last read and joining. A follower the batch does
+    /// not follow on from, or whose connection has no room now, is handed back to its task,
+    /// which reads from the log as usual.
+    fn made_durable(&self, t: &Topic, first: u64, count: u32, fresh: Option<(u64, Batch)>) {
+        let end = first + u64::from(count);
+        let mut st = t.state.lock().expect("topic lock");
+        t.mark_durable(end);
+        if st.live.is_empty() {
+            return;
+        }
+        let mut ops = Vec::new();
+        let mut live = std::mem::take(&mut st.live);
+        live.retain_mut(|f| {
+            let sent = match &fresh {
+                Some((ts, batch)) if f.next == first => f.conn.try_send(ServerFrame::Delivery {
+                    sub: f.sub,
+                    messages: MessageSet {
+                        topic: t.name.clone(),
+                        first_offset: first,
+                        timestamps: vec![*ts; count as usize],
+                        batch: batch.clone(),
+                    },
+                }),
+                _ => false,
+            };
+            if sent {
+                f.next = end;
+                self.commit_locked(t, &mut st, &f.subscriber, end, &mut ops);
+            } else {
+                f.handback.next.store(f.next, Ordering::Release);
+                f.handback.wake.notify_one();
+            }
+            sent
+        });
+        st.live = live;
+        drop(st);
+        if !ops.is_empty() {
+            self.store_detached(ops);
+        }
     }
 
     fn subscribe(&self, t: &Topic, s: &Subscribe) -> Result<u64, WireError> {
@@ -869,7 +957,7 @@ impl Node {
         let pos = st.start_position(current, s.from, hw);
         if current != Some(pos) {
             st.subscribers.insert(s.subscriber.clone(), pos);
-            self.writer.submit_detached(vec![Op::SetOffset {
+            self.store_detached(vec![Op::SetOffset {
                 topic_id: t.id,
                 subscriber: s.subscriber.clone(),
                 offset: pos,
@@ -919,6 +1007,8 @@ pub(crate) enum Appended {
         /// For an idempotent batch: how to take back the recorded producer state if the
         /// write fails, so a resend is stored instead of answered with offsets never stored.
         undo: Option<Undo>,
+        /// The batch and its timestamp, for the topic's live followers once it is durable.
+        fresh: Option<(u64, Batch)>,
     },
     /// A resend of the producer's last batch, which got these offsets.
     Duplicate { first: u64, count: u32 },
@@ -932,18 +1022,27 @@ pub(crate) struct Undo {
 }
 
 impl Appended {
+    /// True when the storage outcome is known, so [`Appended::finish`] will not wait.
+    fn is_stored(&self) -> bool {
+        match self {
+            Appended::Queued { rx, .. } => !rx.is_empty(),
+            Appended::Duplicate { .. } => false,
+        }
+    }
+
     /// Waits until the batch is durable and returns the answer to the publish.
-    async fn finish(self, t: &Topic, conn: &ConnCtx) -> Result<Response, WireError> {
+    async fn finish(self, node: &Node, t: &Topic, conn: &ConnCtx) -> Result<Response, WireError> {
         match self {
             Appended::Queued {
                 first,
                 count,
                 rx,
                 undo,
+                fresh,
             } => {
                 let r = match rx.await {
                     Ok(Ok(())) => {
-                        t.mark_durable(first + u64::from(count));
+                        node.made_durable(t, first, count, fresh);
                         return Ok(Response::Published {
                             first_offset: first,
                             count,
@@ -1120,7 +1219,7 @@ impl Service for PeerService {
                     .remove(&subscriber)
                     .is_some();
                 let r = if removed {
-                    node.writer.submit_detached(vec![Op::DeleteOffset {
+                    node.store_detached(vec![Op::DeleteOffset {
                         topic_id: t.id,
                         subscriber: subscriber.clone(),
                     }]);
@@ -1346,10 +1445,15 @@ async fn publish(
         .topic(topic)
         .expect("the caller checked this peer hosts it");
     match node.append(&t, batch, producer) {
+        Ok(appended) if appended.is_stored() => {
+            // Stored already (memory mode): answering here saves a task switch.
+            let r = appended.finish(node, &t, conn).await;
+            conn.reply(id, r).await;
+        }
         Ok(appended) => {
-            let conn = conn.clone();
+            let (node, conn) = (node.clone(), conn.clone());
             tokio::spawn(async move {
-                let r = appended.finish(&t, &conn).await;
+                let r = appended.finish(&node, &t, &conn).await;
                 conn.reply(id, r).await;
             });
         }
@@ -1360,19 +1464,27 @@ async fn publish(
 }
 
 /// Streams a topic to a connection from `pos`, committing as it goes, until stopped, the
-/// topic is deleted or the connection closes.
+/// topic is deleted or the connection closes. Once caught up it joins the topic's live
+/// followers, whose new batches the publishing side writes, and takes over again when
+/// handed back.
 async fn follow(
     node: &Node,
-    conn: &ConnCtx,
+    conn: &Arc<ConnCtx>,
     t: Arc<Topic>,
     subscriber: String,
     sub: u64,
     mut pos: u64,
     stop: CancellationToken,
 ) {
-    let mut rx = t.durable.subscribe();
+    let ended = |reason: WireError| ServerFrame::SubscriptionEnded { sub, reason };
+    let deleted = || {
+        ended(WireError::new(
+            ErrorCode::NotFound,
+            format!("topic '{}' was deleted", t.name),
+        ))
+    };
     loop {
-        let hw = *rx.borrow_and_update();
+        let hw = t.high_watermark();
         if pos < hw {
             match node.read(&t, pos, MAX_READ_MESSAGES) {
                 Ok(set) if !set.is_empty() => {
@@ -1395,21 +1507,50 @@ async fn follow(
                     }
                 }
                 Err(e) => {
-                    conn.send(ServerFrame::SubscriptionEnded { sub, reason: e })
-                        .await;
+                    conn.send(ended(e)).await;
                     return;
                 }
             }
         }
+        let handback = Arc::new(Handback::default());
+        {
+            let mut st = t.state.lock().expect("topic lock");
+            // The watermark only rises under this lock, so nothing durable is missed between
+            // this check and joining.
+            if t.high_watermark() != pos {
+                continue;
+            }
+            if t.deleted.is_cancelled() {
+                drop(st);
+                conn.send(deleted()).await;
+                return;
+            }
+            st.live.push(Live {
+                sub,
+                subscriber: subscriber.clone(),
+                conn: conn.clone(),
+                next: pos,
+                handback: handback.clone(),
+            });
+        }
+        let leave = || {
+            t.state
+                .lock()
+                .expect("topic lock")
+                .live
+                .retain(|f| !Arc::ptr_eq(&f.handback, &handback));
+        };
         tokio::select! {
-            c = rx.changed() => if c.is_err() { return },
-            _ = stop.cancelled() => return,
+            _ = handback.wake.notified() => {
+                pos = handback.next.load(Ordering::Acquire);
+            }
+            _ = stop.cancelled() => {
+                leave();
+                return;
+            }
             _ = t.deleted.cancelled() => {
-                conn.send(ServerFrame::SubscriptionEnded {
-                    sub,
-                    reason: WireError::new(ErrorCode::NotFound, format!("topic '{}' was deleted", t.name)),
-                })
-                .await;
+                leave();
+                conn.send(deleted()).await;
                 return;
             }
         }
@@ -1582,9 +1723,7 @@ impl Node {
                 hosted.insert(t.name.clone(), t);
             }
         }
-        let done = self
-            .writer
-            .submit(ops, self.config.durability != Durability::Memory);
+        let done = self.store(ops, true);
         match done.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(internal(e)),

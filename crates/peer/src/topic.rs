@@ -33,9 +33,31 @@ pub(crate) struct TopicState {
     /// answered with its offsets instead of being stored twice. Recorded when the batch is
     /// queued for storage (not when durable), so a retry racing the original finds it.
     pub producers: HashMap<u64, Produced>,
+    /// Followers that have everything durable: a newly durable batch is written to their
+    /// connections by the task that made it durable, with no follower task woken.
+    pub live: Vec<Live>,
     /// The most recently appended batches, as they arrived, so followers of a busy topic are
     /// served from memory (no store read, no copy) while they keep up.
     pub tail: Tail,
+}
+
+/// A caught-up follower, served by the publishing side while it keeps up.
+#[derive(Debug)]
+pub(crate) struct Live {
+    pub sub: u64,
+    pub subscriber: String,
+    pub conn: Arc<peerbus_net::ConnCtx>,
+    /// The next offset it should get.
+    pub next: u64,
+    pub handback: Arc<Handback>,
+}
+
+/// How a live follower's task learns it must serve the follower itself again, and from
+/// where: a batch did not follow on, or did not fit in the connection's outbox.
+#[derive(Debug, Default)]
+pub(crate) struct Handback {
+    pub wake: tokio::sync::Notify,
+    pub next: std::sync::atomic::AtomicU64,
 }
 
 /// Payload bytes of recent batches a topic keeps in memory for its followers.
@@ -274,6 +296,7 @@ impl Topic {
                 retained,
                 subscribers,
                 producers: HashMap::new(),
+                live: Vec::new(),
                 tail: Tail::new(tails, NODE_TAIL_BYTES),
             }),
             durable: watch::Sender::new(next),

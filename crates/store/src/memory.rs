@@ -1,10 +1,9 @@
 //! The in-memory backend: same semantics as the fjall one, nothing survives the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use bytes::Bytes;
-use peerbus_proto::Message;
+use peerbus_proto::{Batch, Message};
 
 use crate::{Backend, Op, Result, Table, TopicMeta, read_fits, validate};
 
@@ -24,8 +23,8 @@ impl std::fmt::Debug for MemoryBackend {
 #[derive(Default)]
 struct State {
     topics: BTreeMap<String, TopicMeta>,
-    /// (topic id, offset) → (timestamp ms, payload).
-    messages: BTreeMap<(u64, u64), (u64, Bytes)>,
+    /// Topic id → its messages.
+    logs: HashMap<u64, Log>,
     /// (topic id, subscriber) → committed offset.
     offsets: BTreeMap<(u64, String), u64>,
     tables: [BTreeMap<Vec<u8>, Vec<u8>>; 4],
@@ -59,14 +58,7 @@ impl Backend for MemoryBackend {
                 }
                 Op::DeleteTopic { name, id } => {
                     state.topics.remove(name);
-                    let doomed: Vec<(u64, u64)> = state
-                        .messages
-                        .range((*id, 0)..=(*id, u64::MAX))
-                        .map(|(&key, _)| key)
-                        .collect();
-                    for key in doomed {
-                        state.messages.remove(&key);
-                    }
+                    state.logs.remove(id);
                     let doomed: Vec<(u64, String)> = state
                         .offsets
                         .range((*id, String::new())..)
@@ -83,22 +75,20 @@ impl Backend for MemoryBackend {
                     timestamps,
                     batch,
                 } => {
-                    for (i, (payload, &ts)) in batch.iter().zip(timestamps).enumerate() {
-                        // A copy, so one retained message does not pin its whole batch buffer.
-                        let payload = Bytes::copy_from_slice(&payload);
-                        state
-                            .messages
-                            .insert((*topic_id, first_offset + i as u64), (ts, payload));
+                    if !batch.is_empty() {
+                        state.logs.entry(*topic_id).or_default().append(Segment {
+                            first: *first_offset,
+                            timestamps: timestamps.clone(),
+                            batch: batch.clone(),
+                        });
                     }
                 }
                 Op::Truncate { topic_id, below } => {
-                    let doomed: Vec<(u64, u64)> = state
-                        .messages
-                        .range((*topic_id, 0)..(*topic_id, *below))
-                        .map(|(&key, _)| key)
-                        .collect();
-                    for key in doomed {
-                        state.messages.remove(&key);
+                    if let Some(log) = state.logs.get_mut(topic_id) {
+                        log.cut(0, *below);
+                        if log.segments.is_empty() {
+                            state.logs.remove(topic_id);
+                        }
                     }
                 }
                 Op::SetOffset {
@@ -150,19 +140,15 @@ impl Backend for MemoryBackend {
         let state = self.read_state();
         let mut messages = Vec::new();
         let mut bytes = 0usize;
-        for (&(_, offset), (timestamp_ms, payload)) in state
-            .messages
-            .range((topic_id, from)..=(topic_id, u64::MAX))
-        {
-            if !read_fits(messages.len(), bytes, payload.len(), max_count, max_bytes) {
+        let Some(log) = state.logs.get(&topic_id) else {
+            return Ok(messages);
+        };
+        for m in log.messages_from(from) {
+            if !read_fits(messages.len(), bytes, m.payload.len(), max_count, max_bytes) {
                 break;
             }
-            bytes += payload.len();
-            messages.push(Message {
-                offset,
-                timestamp_ms: *timestamp_ms,
-                payload: payload.clone(),
-            });
+            bytes += m.payload.len();
+            messages.push(m);
         }
         Ok(messages)
     }
@@ -170,19 +156,23 @@ impl Backend for MemoryBackend {
     fn last_offset(&self, topic_id: u64) -> Result<Option<u64>> {
         let state = self.read_state();
         Ok(state
-            .messages
-            .range((topic_id, 0)..=(topic_id, u64::MAX))
-            .next_back()
-            .map(|(&(_, offset), _)| offset))
+            .logs
+            .get(&topic_id)
+            .and_then(|log| log.segments.values().next_back())
+            .map(|seg| seg.end() - 1))
     }
 
     fn sizes(&self, topic_id: u64) -> Result<Vec<(u64, u64, u32)>> {
         let state = self.read_state();
-        Ok(state
-            .messages
-            .range((topic_id, 0)..=(topic_id, u64::MAX))
-            .map(|(&(_, offset), (ts, payload))| (offset, *ts, payload.len() as u32))
-            .collect())
+        Ok(state.logs.get(&topic_id).map_or_else(Vec::new, |log| {
+            log.segments
+                .values()
+                .flat_map(|seg| {
+                    (0..seg.batch.len())
+                        .map(|i| (seg.first + i as u64, seg.timestamps[i], seg.batch.lens[i]))
+                })
+                .collect()
+        }))
     }
 
     fn offsets(&self, topic_id: u64) -> Result<Vec<(String, u64)>> {
@@ -206,5 +196,104 @@ impl Backend for MemoryBackend {
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.read_state().tables[table.index()].get(key).cloned())
+    }
+}
+
+/// One topic's messages as the batches they were appended in, keyed by first offset and
+/// never overlapping: storing a publish is one map insert that shares the batch's buffer
+/// rather than a copy and an insert per message. A batch cut by retention or overwritten
+/// in part keeps sharing its buffer, so a topic may hold up to one batch's bytes more than
+/// its messages.
+#[derive(Default)]
+struct Log {
+    segments: BTreeMap<u64, Segment>,
+}
+
+/// Messages `first..first + batch.len()`, with their timestamps.
+struct Segment {
+    first: u64,
+    timestamps: Vec<u64>,
+    batch: Batch,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.first + self.batch.len() as u64
+    }
+
+    /// Messages `from..to` of this segment (offsets, clamped to it), sharing its buffer.
+    fn slice(&self, from: u64, to: u64) -> Segment {
+        let lo = (from.max(self.first) - self.first) as usize;
+        let hi = (to.min(self.end()) - self.first) as usize;
+        let start: usize = self.batch.lens[..lo].iter().map(|&l| l as usize).sum();
+        let len: usize = self.batch.lens[lo..hi].iter().map(|&l| l as usize).sum();
+        Segment {
+            first: self.first + lo as u64,
+            timestamps: self.timestamps[lo..hi].to_vec(),
+            batch: Batch {
+                lens: self.batch.lens[lo..hi].to_vec(),
+                data: self.batch.data.slice(start..start + len),
+            },
+        }
+    }
+}
+
+impl Log {
+    /// Stores `seg`, replacing whatever it overlaps.
+    fn append(&mut self, seg: Segment) {
+        self.cut(seg.first, seg.end());
+        self.segments.insert(seg.first, seg);
+    }
+
+    /// Removes messages `from..to`, keeping the parts of segments outside that range.
+    fn cut(&mut self, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        // The segment starting before `from` may reach into the range; the others that
+        // overlap start inside it.
+        let mut hit: Vec<u64> = self
+            .segments
+            .range(..from)
+            .next_back()
+            .filter(|(_, seg)| seg.end() > from)
+            .map(|(&k, _)| k)
+            .into_iter()
+            .collect();
+        hit.extend(self.segments.range(from..to).map(|(&k, _)| k));
+        for k in hit {
+            let seg = self.segments.remove(&k).expect("listed above");
+            if seg.first < from {
+                let before = seg.slice(seg.first, from);
+                self.segments.insert(before.first, before);
+            }
+            if seg.end() > to {
+                let after = seg.slice(to, seg.end());
+                self.segments.insert(after.first, after);
+            }
+        }
+    }
+
+    /// Every message from offset `from` on, in order.
+    fn messages_from(&self, from: u64) -> impl Iterator<Item = Message> + '_ {
+        let start = self
+            .segments
+            .range(..=from)
+            .next_back()
+            .filter(|(_, seg)| seg.end() > from)
+            .map_or(from, |(&k, _)| k);
+        self.segments
+            .range(start..)
+            .flat_map(move |(_, seg)| {
+                seg.batch
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, payload)| Message {
+                        offset: seg.first + i as u64,
+                        timestamp_ms: seg.timestamps[i],
+                        payload,
+                    })
+            })
+            .filter(move |m| m.offset >= from)
     }
 }

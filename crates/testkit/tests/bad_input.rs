@@ -349,6 +349,13 @@ async fn deleting_a_topic_under_a_lagging_follower_ends_it_cleanly() {
         }),
     })
     .await;
+    // Subscribed before the delete, or the subscription would find no topic.
+    match raw.next().await {
+        Some(ServerFrame::Response { id: 1, body }) => {
+            body.unwrap();
+        }
+        other => panic!("expected the subscribe answer first, got {other:?}"),
+    }
     // The follower now waits on a full outbox; delete the topic under it.
     c.delete_topic("lagging").await.unwrap();
 
