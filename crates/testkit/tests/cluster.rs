@@ -382,3 +382,103 @@ async fn consumed_retention_deletes_what_every_subscriber_pulled() {
         (10, 10, 0)
     );
 }
+
+/// In memory mode a caught-up follower is served by the publishing task itself. One that
+/// keeps up and one that reads nothing until every publish is acknowledged (so its
+/// connection fills and its own task takes over again) both get every message once, in
+/// order, with the payload each publish was acknowledged for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_mode_live_and_stalled_followers_get_everything_once_in_order() {
+    const PUBS: usize = 4;
+    const EACH: usize = 128;
+    // 32 MiB in all: more than a connection's outbox, socket buffers and client queue hold.
+    const SIZE: usize = 64 << 10;
+    let cluster = Cluster::start_with(ClusterOptions {
+        peers: 1,
+        durability: peerbus_peer::Durability::Memory,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let c = cluster.client();
+    c.create_topic("live", None, Retention::default())
+        .await
+        .unwrap();
+    let mut fast = cluster
+        .client()
+        .follow("live", "fast", Some(StartFrom::Latest))
+        .await
+        .unwrap();
+    let mut slow = cluster
+        .client()
+        .follow("live", "slow", Some(StartFrom::Latest))
+        .await
+        .unwrap();
+    let total = PUBS * EACH;
+    let payload = |p: usize, i: usize| {
+        let mut v = vec![(p * 31 + i) as u8; SIZE];
+        v[..16].copy_from_slice(&((p as u64) << 32 | i as u64).to_be_bytes().repeat(2));
+        v
+    };
+    let fast_reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total);
+        while got.len() < total {
+            let m = tokio::time::timeout(Duration::from_secs(60), fast.next())
+                .await
+                .expect("messages keep coming")
+                .expect("stream open")
+                .expect("no error");
+            got.push((m.offset, m.payload));
+        }
+        got
+    });
+    let mut pubs = Vec::new();
+    for p in 0..PUBS {
+        let client = cluster.client();
+        pubs.push(tokio::spawn(async move {
+            let acks: Vec<_> = (0..EACH)
+                .map(|i| client.publish_nowait("live", payload(p, i)))
+                .collect();
+            let mut offsets = Vec::new();
+            for a in acks {
+                offsets.push(a.await.unwrap());
+            }
+            offsets
+        }));
+    }
+    // offset → (publisher, index) as acknowledged.
+    let mut acked = HashMap::new();
+    for (p, h) in pubs.into_iter().enumerate() {
+        for (i, offset) in h.await.unwrap().into_iter().enumerate() {
+            assert!(
+                acked.insert(offset, (p, i)).is_none(),
+                "offset {offset} twice"
+            );
+        }
+    }
+    assert_eq!(acked.len(), total);
+    let mut slow_got = Vec::with_capacity(total);
+    while slow_got.len() < total {
+        let m = tokio::time::timeout(Duration::from_secs(60), slow.next())
+            .await
+            .expect("messages keep coming")
+            .expect("stream open")
+            .expect("no error");
+        slow_got.push((m.offset, m.payload));
+    }
+    for got in [fast_reader.await.unwrap(), slow_got] {
+        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (0..total as u64).collect::<Vec<_>>(),
+            "every offset once, in order"
+        );
+        for (offset, body) in got {
+            let (p, i) = acked[&offset];
+            assert!(
+                body == payload(p, i),
+                "offset {offset} holds publish {p}/{i}"
+            );
+        }
+    }
+}
