@@ -9,12 +9,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc instead of the system allocator: a node allocates a little for every message,
-/// topic and request, and glibc's malloc spent about a sixth of the CPU of registering a
-/// million topics in its free lists (see docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// peerbus: peer-to-peer publish/subscribe.
 #[derive(Parser, Debug)]
 #[command(name = "peerbus", version, about, propagate_version = true)]
