@@ -283,59 +283,101 @@ impl Client {
             !std::mem::replace(&mut st.in_flight, true)
         };
         if start {
-            let client = self.clone();
-            let topic = topic.to_string();
-            tokio::spawn(async move { client.drain(topic, batcher).await });
+            self.start_drain(topic, batcher);
         }
         PublishAck(rx)
     }
 
     async fn drain(self, topic: String, batcher: Arc<Batcher>) {
         loop {
-            let (payloads, acks, producer, sequence) = {
-                let mut st = batcher.state.lock().expect("batcher lock");
-                if st.queue.is_empty() {
-                    st.in_flight = false;
-                    return;
+            let next = batcher.state.lock().expect("batcher lock").take();
+            let Some(next) = next else { return };
+            let batch = Batch::from_payloads(&next.payloads);
+            let r = self
+                .publish_idempotent(&topic, batch, next.producer, next.sequence)
+                .await;
+            self.settle(&batcher, next.acks, r);
+        }
+    }
+
+    /// Answers a batch's publishers with its outcome.
+    fn settle(&self, batcher: &Batcher, acks: Vec<Ack>, r: Result<u64>) {
+        match r {
+            Ok(first) => {
+                for (i, a) in acks.into_iter().enumerate() {
+                    let _ = a.send(Ok(first + i as u64));
                 }
-                let mut bytes = 0;
-                let mut payloads = Vec::new();
-                let mut acks = Vec::new();
-                while let Some((p, _)) = st.queue.front() {
-                    if !payloads.is_empty()
-                        && (bytes + p.len() > MAX_BATCH_BYTES
-                            || payloads.len() >= MAX_BATCH_MESSAGES)
-                    {
-                        break;
-                    }
-                    bytes += p.len();
-                    let (p, a) = st.queue.pop_front().expect("front exists");
-                    payloads.push(p);
-                    acks.push(a);
-                }
-                // One batch in flight per topic, so sequences reach the host in order.
-                let sequence = st.next_sequence;
-                st.next_sequence += 1;
-                (payloads, acks, st.producer, sequence)
-            };
-            let batch = Batch::from_payloads(&payloads);
-            match self
-                .publish_idempotent(&topic, batch, producer, sequence)
-                .await
-            {
-                Ok(first) => {
-                    for (i, a) in acks.into_iter().enumerate() {
-                        let _ = a.send(Ok(first + i as u64));
-                    }
-                }
-                Err(e) => {
-                    batcher.state.lock().expect("batcher lock").after_failure();
-                    for a in acks {
-                        let _ = a.send(Err(e.clone()));
-                    }
+            }
+            Err(e) => {
+                batcher.state.lock().expect("batcher lock").after_failure();
+                for a in acks {
+                    let _ = a.send(Err(e.clone()));
                 }
             }
         }
+    }
+
+    /// Sends the first batch of an idle batcher from the caller's task when the topic's host
+    /// is known and its connection open, so the batch is on the wire before any task is
+    /// scheduled; the spawned task only waits for the answer (resending if it must) and
+    /// goes on with what queued meanwhile. Without a ready connection, the task does it all.
+    fn start_drain(&self, topic: &str, batcher: Arc<Batcher>) {
+        let client = self.clone();
+        let topic = topic.to_string();
+        let Some(conn) = self.ready_connection(&topic) else {
+            tokio::spawn(async move { client.drain(topic, batcher).await });
+            return;
+        };
+        let Some(first) = batcher.state.lock().expect("batcher lock").take() else {
+            return;
+        };
+        let batch = Batch::from_payloads(&first.payloads);
+        let sent = conn.start_request(
+            Request::PublishIdempotent {
+                topic: topic.clone(),
+                batch: batch.clone(),
+                producer: first.producer,
+                sequence: first.sequence,
+            },
+            false,
+        );
+        tokio::spawn(async move {
+            let r = match sent {
+                Some(answer) => match answer.await {
+                    Ok(Response::Published { first_offset, .. }) => Ok(first_offset),
+                    Ok(other) => Err(unexpected(&topic, &other)),
+                    // Unknown outcome or moved host: resend, which the host de-duplicates.
+                    Err(e) if e.is_unreachable() || e.code() == Some(ErrorCode::NotHost) => {
+                        client
+                            .publish_idempotent(&topic, batch, first.producer, first.sequence)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    client
+                        .publish_idempotent(&topic, batch, first.producer, first.sequence)
+                        .await
+                }
+            };
+            client.settle(&batcher, first.acks, r);
+            client.drain(topic, batcher).await;
+        });
+    }
+
+    /// The open connection to `topic`'s cached host, if there is one and nobody is
+    /// connecting it right now.
+    fn ready_connection(&self, topic: &str) -> Option<Connection> {
+        let addr = self.cached_host(topic)?;
+        let slot = self
+            .inner
+            .conns
+            .lock()
+            .expect("connections lock")
+            .get(&addr)?
+            .clone();
+        let slot = slot.try_lock().ok()?;
+        slot.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
     /// Publishes `batch` as sequence `sequence` of this client's producer, resending the same
@@ -525,6 +567,14 @@ impl Batcher {
 
 type Ack = oneshot::Sender<Result<u64>>;
 
+/// A batch taken from a batcher's queue, with the publishers to answer.
+struct NextBatch {
+    payloads: Vec<Bytes>,
+    acks: Vec<Ack>,
+    producer: u64,
+    sequence: u64,
+}
+
 #[derive(Debug)]
 struct BatchState {
     in_flight: bool,
@@ -542,6 +592,38 @@ impl BatchState {
     /// refused it before recording its sequence; reusing the sequence could make a different
     /// batch look like a resend, and skipping it would look like a gap. So the producer
     /// starts afresh with a new id, as Kafka's does after an unknown outcome.
+    /// The next batch to send, with its sequence; `None` (and no longer in flight) when
+    /// nothing is queued.
+    fn take(&mut self) -> Option<NextBatch> {
+        if self.queue.is_empty() {
+            self.in_flight = false;
+            return None;
+        }
+        let mut bytes = 0;
+        let mut payloads = Vec::new();
+        let mut acks = Vec::new();
+        while let Some((p, _)) = self.queue.front() {
+            if !payloads.is_empty()
+                && (bytes + p.len() > MAX_BATCH_BYTES || payloads.len() >= MAX_BATCH_MESSAGES)
+            {
+                break;
+            }
+            bytes += p.len();
+            let (p, a) = self.queue.pop_front().expect("front exists");
+            payloads.push(p);
+            acks.push(a);
+        }
+        // One batch in flight per topic, so sequences reach the host in order.
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        Some(NextBatch {
+            payloads,
+            acks,
+            producer: self.producer,
+            sequence,
+        })
+    }
+
     fn after_failure(&mut self) {
         self.producer = rand::random();
         self.next_sequence = 0;

@@ -186,6 +186,40 @@ impl Connection {
         Ok(rx)
     }
 
+    /// Sends a request from the caller's task without waiting: `None` when the connection
+    /// is closed or its outbox is full right now (nothing was sent then). The receiver
+    /// gets the answer, or an error once the connection closes.
+    pub fn start_request(
+        &self,
+        body: Request,
+        forward: bool,
+    ) -> Option<impl Future<Output = Result<Response>> + Send + 'static> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(id, tx);
+        let frame = ClientFrame::Request { id, forward, body };
+        if self.is_closed() || !self.shared.tx.try_send(frame.into()) {
+            self.shared
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&id);
+            return None;
+        }
+        let conn = self.clone();
+        Some(async move {
+            match rx.await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(ClientError::Server(e)),
+                Err(_) => Err(conn.closed_error()),
+            }
+        })
+    }
+
     /// Opens a following subscription: the node streams messages from the subscriber's
     /// position. Returns the first offset it will deliver and the event channel.
     pub async fn follow(
