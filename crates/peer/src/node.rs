@@ -1483,8 +1483,22 @@ async fn follow(
             format!("topic '{}' was deleted", t.name),
         ))
     };
+    let mut durable = t.durable.subscribe();
     loop {
         let hw = t.high_watermark();
+        if pos > hw {
+            // Retention may move the low end past what is durable yet (the rest of a
+            // batch is still being written): wait for the watermark instead of spinning.
+            tokio::select! {
+                ok = async { durable.wait_for(|&v| v >= pos).await.is_ok() } => if !ok { return },
+                _ = stop.cancelled() => return,
+                _ = t.deleted.cancelled() => {
+                    conn.send(deleted()).await;
+                    return;
+                }
+            }
+            continue;
+        }
         if pos < hw {
             match node.read(&t, pos, MAX_READ_MESSAGES) {
                 Ok(set) if !set.is_empty() => {
