@@ -80,6 +80,14 @@ impl Target {
         }
     }
 
+    /// Stops an in-process cluster and waits for its nodes to close their storage, so
+    /// nothing is still writing when its directory is removed; a remote one is left as is.
+    pub async fn close(self) {
+        if let Target::Local(c) = self {
+            c.shutdown().await;
+        }
+    }
+
     /// The in-process cluster, for scenarios that need its peers' shares or addresses.
     pub fn local(&self) -> Option<&Cluster> {
         match self {

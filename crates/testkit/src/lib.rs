@@ -216,6 +216,16 @@ impl Cluster {
         self.start_index(&addr).await
     }
 
+    /// Stops every peer and then the index, waiting for each to flush and close its
+    /// storage, before the data directory goes away. (Dropping a cluster only asks them to
+    /// stop.)
+    pub async fn shutdown(mut self) {
+        for i in 0..self.peers.len() {
+            self.stop_peer(i).await;
+        }
+        self.stop_index().await;
+    }
+
     /// Stops the index.
     pub async fn stop_index(&mut self) {
         if let Some(r) = self.index.take() {

@@ -230,5 +230,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     throughput.write(&options.out)?;
     latency.write(&options.out)?;
     println!("{}", table.render());
+    target.close().await;
     Ok(summary)
 }

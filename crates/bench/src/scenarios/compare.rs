@@ -323,6 +323,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     lat.write(&options.out)?;
 
     println!("{}", table.render());
+    target.close().await;
     Ok(vec![
         format!(
             "compare: {count} messages of {PAYLOAD} B, median of {rounds} rounds: peerbus {pr:.0} msgs/s, nats-server {nr:.0} msgs/s"

@@ -416,6 +416,7 @@ async fn tasks_at(
         };
         runs.push(run_task(options, &target, mode, n, plans, sz, scratch).await?);
     }
+    target.close().await;
     Ok(runs)
 }
 
@@ -528,7 +529,7 @@ async fn large_file(options: &Options, size: u64, scratch: &Path) -> anyhow::Res
         ]);
         results.push((sources, took, rate));
     }
-    drop(target);
+    target.close().await;
 
     // Raw loopback TCP: best of three, so the ratio is not flattered by a slow sample.
     let mut loopback = f64::MIN;

@@ -148,6 +148,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
             l.p99_us() / 1e3
         ));
     }
+    target.close().await;
     Ok(lines)
 }
 

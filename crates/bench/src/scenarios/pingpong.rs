@@ -293,6 +293,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     println!("{}", table.render());
     let one = &rows[0];
     let max = rows.iter().map(|r| r.msgs_per_s).fold(0.0f64, f64::max);
+    target.close().await;
     Ok(vec![
         format!(
             "pingpong round trip: p50 {:.0} µs, p99 {:.0} µs, mean {:.0} µs",

@@ -83,5 +83,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     ];
     plot.write(&options.out)?;
     println!("{}", table.render());
+    target.close().await;
     Ok(summary)
 }

@@ -231,7 +231,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
         results.push((size, n, m));
     }
     bar.finish_and_clear();
-    drop(target);
+    target.close().await;
 
     // The 128-byte 1→1 case with each durability, each on its own cluster.
     let mut summary = Vec::new();
@@ -267,6 +267,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
                 format!("{:.2}", m.mb_per_s()),
             ]);
             rates.push(m.msgs_per_s());
+            target.close().await;
         }
         bar.finish_and_clear();
         durability.write(&options.out)?;

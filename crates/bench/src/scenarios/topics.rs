@@ -410,5 +410,6 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     println!("{}", reg_table.render());
     println!();
     println!("{}", table.render());
+    target.close().await;
     Ok(summary)
 }
