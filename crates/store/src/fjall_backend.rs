@@ -45,10 +45,10 @@ impl std::fmt::Debug for FjallBackend {
 }
 
 /// Cap on the journals' total size; see [`FjallBackend::open`].
-const JOURNAL_BYTES: u64 = 128 << 20;
+const JOURNAL_BYTES: u64 = 192 << 20;
 
 /// Size at which a keyspace's memtable is sealed and flushed; see [`FjallBackend::open`].
-const MEMTABLE_BYTES: u64 = 16 << 20;
+const MEMTABLE_BYTES: u64 = 32 << 20;
 
 impl FjallBackend {
     /// Opens (or creates) the database in `dir`, creating the directory if missing.
