@@ -347,7 +347,7 @@ impl Client {
                     Ok(Response::Published { first_offset, .. }) => Ok(first_offset),
                     Ok(other) => Err(unexpected(&topic, &other)),
                     // Unknown outcome or moved host: resend, which the host de-duplicates.
-                    Err(e) if e.is_unreachable() || e.code() == Some(ErrorCode::NotHost) => {
+                    Err(e) if resendable(&e) => {
                         client
                             .publish_idempotent(&topic, batch, first.producer, first.sequence)
                             .await
@@ -403,10 +403,7 @@ impl Client {
             match self.topic_request(topic, req).await {
                 Ok(Response::Published { first_offset, .. }) => return Ok(first_offset),
                 Ok(other) => return Err(unexpected(topic, &other)),
-                Err(e)
-                    if (e.is_unreachable() || e.code() == Some(ErrorCode::NotHost))
-                        && tokio::time::Instant::now() + backoff < deadline =>
-                {
+                Err(e) if resendable(&e) && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!("resending batch {sequence} to topic '{topic}': {e}");
                     // The host may have moved; ask the index again on the next try.
                     self.forget(topic);
@@ -566,6 +563,13 @@ impl Batcher {
 }
 
 type Ack = oneshot::Sender<Result<u64>>;
+
+/// Whether an idempotent batch that failed this way may be sent again as it is: the host
+/// could not be reached (the outcome is unknown, and the host de-duplicates a resend) or
+/// refused it before any work because the topic moved.
+fn resendable(e: &ClientError) -> bool {
+    e.is_unreachable() || e.code() == Some(ErrorCode::NotHost)
+}
 
 /// A batch taken from a batcher's queue, with the publishers to answer.
 struct NextBatch {

@@ -23,6 +23,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SUB_BUFFER: usize = 64;
 
 type Pending = oneshot::Sender<std::result::Result<Response, WireError>>;
+/// Where a request's answer (or the node's error) arrives.
+type AnswerSlot = oneshot::Receiver<std::result::Result<Response, WireError>>;
 
 /// What a following subscription receives.
 #[derive(Debug)]
@@ -147,53 +149,43 @@ impl Connection {
     /// `forward` lets a peer that does not host the topic forward the request to the host.
     pub async fn request(&self, body: Request, forward: bool) -> Result<Response> {
         let rx = self.send(body, forward).await?;
-        match rx.await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(ClientError::Server(e)),
-            Err(_) => Err(self.closed_error()),
-        }
+        self.answer(rx.await)
     }
 
-    async fn send(
-        &self,
-        body: Request,
-        forward: bool,
-    ) -> Result<oneshot::Receiver<std::result::Result<Response, WireError>>> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .expect("pending lock")
-            .insert(id, tx);
+    async fn send(&self, body: Request, forward: bool) -> Result<AnswerSlot> {
+        let (id, rx) = self.expect_answer();
         if self.is_closed() {
-            self.shared
-                .pending
-                .lock()
-                .expect("pending lock")
-                .remove(&id);
+            self.forget_answer(id);
             return Err(self.closed_error());
         }
         let frame = ClientFrame::Request { id, forward, body };
         if self.shared.tx.send(frame.into()).await.is_err() {
-            self.shared
-                .pending
-                .lock()
-                .expect("pending lock")
-                .remove(&id);
+            self.forget_answer(id);
             return Err(self.closed_error());
         }
         Ok(rx)
     }
 
     /// Sends a request from the caller's task without waiting: `None` when the connection
-    /// is closed or its outbox is full right now (nothing was sent then). The receiver
-    /// gets the answer, or an error once the connection closes.
+    /// is closed or its outbox is full right now (nothing was sent then). The returned
+    /// future gives the answer, or an error once the connection closes.
     pub fn start_request(
         &self,
         body: Request,
         forward: bool,
     ) -> Option<impl Future<Output = Result<Response>> + Send + 'static> {
+        let (id, rx) = self.expect_answer();
+        let frame = ClientFrame::Request { id, forward, body };
+        if self.is_closed() || !self.shared.tx.try_send(frame.into()) {
+            self.forget_answer(id);
+            return None;
+        }
+        let conn = self.clone();
+        Some(async move { conn.answer(rx.await) })
+    }
+
+    /// A fresh request id, with the slot its answer will arrive in.
+    fn expect_answer(&self) -> (u32, AnswerSlot) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared
@@ -201,23 +193,28 @@ impl Connection {
             .lock()
             .expect("pending lock")
             .insert(id, tx);
-        let frame = ClientFrame::Request { id, forward, body };
-        if self.is_closed() || !self.shared.tx.try_send(frame.into()) {
-            self.shared
-                .pending
-                .lock()
-                .expect("pending lock")
-                .remove(&id);
-            return None;
+        (id, rx)
+    }
+
+    /// Stops waiting for the answer to `id`, whose request was not sent.
+    fn forget_answer(&self, id: u32) {
+        self.shared
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&id);
+    }
+
+    /// What the caller gets for an answer slot's outcome.
+    fn answer(
+        &self,
+        r: std::result::Result<std::result::Result<Response, WireError>, oneshot::error::RecvError>,
+    ) -> Result<Response> {
+        match r {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(ClientError::Server(e)),
+            Err(_) => Err(self.closed_error()),
         }
-        let conn = self.clone();
-        Some(async move {
-            match rx.await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(ClientError::Server(e)),
-                Err(_) => Err(conn.closed_error()),
-            }
-        })
     }
 
     /// Opens a following subscription: the node streams messages from the subscriber's

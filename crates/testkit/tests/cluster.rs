@@ -12,6 +12,23 @@ fn code(e: &ClientError) -> Option<ErrorCode> {
     e.code()
 }
 
+/// The next `n` messages of a following subscription; fails if one takes over a minute.
+async fn next_messages(
+    sub: &mut peerbus_client::Subscription,
+    n: usize,
+) -> Vec<peerbus_client::Message> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .expect("messages keep coming")
+            .expect("stream open")
+            .expect("no error");
+        got.push(m);
+    }
+    got
+}
+
 async fn pull_all(c: &Client, topic: &str, sub: &str) -> Vec<String> {
     let mut got = Vec::new();
     loop {
@@ -207,16 +224,11 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
             .await
             .unwrap();
         subs.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(PUBS * EACH);
-            while got.len() < PUBS * EACH {
-                let m = tokio::time::timeout(Duration::from_secs(60), sub.next())
-                    .await
-                    .expect("messages keep coming")
-                    .expect("stream open")
-                    .expect("no error");
-                got.push((m.offset, String::from_utf8(m.payload.to_vec()).unwrap()));
-            }
-            got
+            next_messages(&mut sub, PUBS * EACH)
+                .await
+                .into_iter()
+                .map(|m| (m.offset, String::from_utf8(m.payload.to_vec()).unwrap()))
+                .collect::<Vec<_>>()
         }));
     }
     let mut pubs = Vec::new();
@@ -420,18 +432,7 @@ async fn memory_mode_live_and_stalled_followers_get_everything_once_in_order() {
         v[..16].copy_from_slice(&((p as u64) << 32 | i as u64).to_be_bytes().repeat(2));
         v
     };
-    let fast_reader = tokio::spawn(async move {
-        let mut got = Vec::with_capacity(total);
-        while got.len() < total {
-            let m = tokio::time::timeout(Duration::from_secs(60), fast.next())
-                .await
-                .expect("messages keep coming")
-                .expect("stream open")
-                .expect("no error");
-            got.push((m.offset, m.payload));
-        }
-        got
-    });
+    let fast_reader = tokio::spawn(async move { next_messages(&mut fast, total).await });
     let mut pubs = Vec::new();
     for p in 0..PUBS {
         let client = cluster.client();
@@ -457,27 +458,20 @@ async fn memory_mode_live_and_stalled_followers_get_everything_once_in_order() {
         }
     }
     assert_eq!(acked.len(), total);
-    let mut slow_got = Vec::with_capacity(total);
-    while slow_got.len() < total {
-        let m = tokio::time::timeout(Duration::from_secs(60), slow.next())
-            .await
-            .expect("messages keep coming")
-            .expect("stream open")
-            .expect("no error");
-        slow_got.push((m.offset, m.payload));
-    }
+    let slow_got = next_messages(&mut slow, total).await;
     for got in [fast_reader.await.unwrap(), slow_got] {
-        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        let offsets: Vec<u64> = got.iter().map(|m| m.offset).collect();
         assert_eq!(
             offsets,
             (0..total as u64).collect::<Vec<_>>(),
             "every offset once, in order"
         );
-        for (offset, body) in got {
-            let (p, i) = acked[&offset];
+        for m in got {
+            let (p, i) = acked[&m.offset];
             assert!(
-                body == payload(p, i),
-                "offset {offset} holds publish {p}/{i}"
+                m.payload == payload(p, i),
+                "offset {} holds publish {p}/{i}",
+                m.offset
             );
         }
     }
