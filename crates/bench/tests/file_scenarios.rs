@@ -2,27 +2,10 @@
 //! table and plot, and print their summary lines in the documented form. Speed is not
 //! checked here; that is what the scenarios themselves measure.
 
-use peerbus_bench::{Options, Scenario};
+mod common;
 
-fn smoke(out: &std::path::Path) -> Options {
-    Options {
-        smoke: true,
-        progress: false,
-        out: out.to_path_buf(),
-        ..Options::new()
-    }
-}
-
-fn assert_written(dir: &std::path::Path, files: &[&str]) {
-    for f in files {
-        let path = dir.join(f);
-        let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert!(meta.len() > 0, "{f} is empty");
-        if f.ends_with(".png") {
-            assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG", "{f}");
-        }
-    }
-}
+use common::{assert_written, smoke};
+use peerbus_bench::Scenario;
 
 /// The number that follows `prefix` in `line`.
 fn number_after(line: &str, prefix: &str) -> f64 {

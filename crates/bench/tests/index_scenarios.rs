@@ -1,26 +1,10 @@
 //! The index scenarios run end to end at their smallest size and leave every file behind.
 //! Only that they work is checked here, never how fast.
 
-use peerbus_bench::{Options, Scenario};
+mod common;
 
-fn smoke(out: &std::path::Path) -> Options {
-    Options {
-        smoke: true,
-        progress: false,
-        out: out.to_path_buf(),
-        ..Options::default()
-    }
-}
-
-fn assert_files(dir: &std::path::Path, names: &[&str]) {
-    for name in names {
-        let path = dir.join(name);
-        let len = std::fs::metadata(&path)
-            .unwrap_or_else(|e| panic!("{} is missing: {e}", path.display()))
-            .len();
-        assert!(len > 0, "{} is empty", path.display());
-    }
-}
+use common::{assert_written, smoke};
+use peerbus_bench::Scenario;
 
 /// True for a decimal number such as `1.234`.
 fn is_decimal(s: &str) -> bool {
@@ -55,7 +39,7 @@ async fn topics_registers_then_measures_lookups() {
         summary.iter().any(|l| l.starts_with("memory: ")),
         "{summary:?}"
     );
-    assert_files(
+    assert_written(
         dir.path(),
         &[
             "topics.csv",
@@ -85,7 +69,7 @@ async fn query_measures_lookups_with_2_4_and_8_clients() {
             "{summary:?}"
         );
     }
-    assert_files(dir.path(), &["query.csv", "query.png"]);
+    assert_written(dir.path(), &["query.csv", "query.png"]);
     let csv = std::fs::read_to_string(dir.path().join("query.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
 }
@@ -104,7 +88,7 @@ async fn api_measures_every_api_with_1_to_8_clients() {
             "{summary:?}"
         );
     }
-    assert_files(dir.path(), &["api.csv", "api.png", "api_latency.png"]);
+    assert_written(dir.path(), &["api.csv", "api.png", "api_latency.png"]);
     let csv = std::fs::read_to_string(dir.path().join("api.csv")).unwrap();
     // A header and one row per API and client count.
     assert_eq!(csv.lines().count(), 1 + 6 * 4, "{csv}");

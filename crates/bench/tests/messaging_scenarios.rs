@@ -1,26 +1,10 @@
 //! The messaging scenarios at smoke size: they run, write every file and print their summary
 //! lines in the agreed format. How fast they are is for `peerbus bench`, not for tests.
 
-use std::path::Path;
+mod common;
 
-use peerbus_bench::{Options, Scenario};
-
-fn smoke(out: &Path) -> Options {
-    Options {
-        smoke: true,
-        progress: false,
-        out: out.to_path_buf(),
-        ..Options::default()
-    }
-}
-
-fn assert_files(dir: &Path, names: &[&str]) {
-    for n in names {
-        let p = dir.join(n);
-        let meta = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(meta.len() > 0, "{} is empty", p.display());
-    }
-}
+use common::{assert_written, smoke};
+use peerbus_bench::Scenario;
 
 /// The number after `prefix` on the line that starts with it.
 fn number_after(lines: &[String], prefix: &str) -> f64 {
@@ -42,7 +26,7 @@ async fn throughput_writes_tables_plots_and_the_durability_ratio() {
     let lines = peerbus_bench::run(Scenario::Throughput, &smoke(dir.path()))
         .await
         .unwrap();
-    assert_files(
+    assert_written(
         dir.path(),
         &[
             "throughput.csv",
@@ -63,7 +47,7 @@ async fn pingpong_writes_tables_plots_and_latency_lines() {
     let lines = peerbus_bench::run(Scenario::Pingpong, &smoke(dir.path()))
         .await
         .unwrap();
-    assert_files(
+    assert_written(
         dir.path(),
         &["pingpong.csv", "pingpong_latency.png", "pingpong_rate.png"],
     );
@@ -99,7 +83,7 @@ async fn compare_prints_the_ratios() {
     let lines = peerbus_bench::run(Scenario::Compare, &smoke(dir.path()))
         .await
         .unwrap();
-    assert_files(
+    assert_written(
         dir.path(),
         &[
             "compare.csv",
