@@ -1,13 +1,14 @@
 //! The on-disk backend, on fjall (an LSM-tree key-value store).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
-use peerbus_proto::Message;
+use peerbus_proto::{Batch, Message};
 
+use crate::segment::{Log, Segment, record_count};
 use crate::{Backend, Op, Result, StoreError, Table, TopicMeta, read_fits, validate};
 
 /// Index of each keyspace in [`FjallBackend::keyspaces`]; registry tables come first so
@@ -22,18 +23,27 @@ const NAMES: [&str; KEYSPACES] = [
     "directory",
     "files",
     "topics",
-    "messages",
+    "batches",
     "offsets",
 ];
+
+/// The keyspace of an earlier storage format with one record per message (value:
+/// timestamp ‖ payload); [`FjallBackend::open`] moves what it holds into `batches`.
+const OLD_MESSAGES: &str = "messages";
+/// How many payload bytes one step of that move carries, so it never holds a whole old
+/// log in memory.
+const MIGRATE_BYTES: usize = 16 << 20;
 
 /// Storage on disk in a fjall database, one keyspace per kind of record.
 pub struct FjallBackend {
     db: Database,
     keyspaces: [Keyspace; KEYSPACES],
     path: PathBuf,
-    /// `apply` reads stored keys to expand truncations and deletions into removals; two
-    /// concurrent applies could each miss the other's keys, so they take turns.
-    apply_lock: Mutex<()>,
+    /// `apply` reads stored records to cut them and keys to expand deletions into
+    /// removals; two concurrent applies could each miss the other's, so they take turns.
+    /// The lock holds, per topic, an offset that no stored record reaches (see
+    /// [`FjallBackend::stored_end`]), so an append past it needs no read at all.
+    apply_lock: Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for FjallBackend {
@@ -86,12 +96,114 @@ impl FjallBackend {
         let keyspaces: [Keyspace; KEYSPACES] = opened
             .try_into()
             .unwrap_or_else(|_| unreachable!("one keyspace per name"));
-        Ok(FjallBackend {
+        let backend = FjallBackend {
             db,
             keyspaces,
             path: dir.to_path_buf(),
-            apply_lock: Mutex::new(()),
-        })
+            apply_lock: Mutex::new(HashMap::new()),
+        };
+        backend.migrate_messages()?;
+        Ok(backend)
+    }
+
+    /// Moves messages stored one per key by an earlier version into one-message records,
+    /// a step at a time: each step inserts and removes in one atomic batch, so a crash in
+    /// between leaves every message in exactly one of the two keyspaces and the next open
+    /// carries on.
+    fn migrate_messages(&self) -> Result<()> {
+        if !self.db.keyspace_exists(OLD_MESSAGES) {
+            return Ok(());
+        }
+        let old = self
+            .db
+            .keyspace(OLD_MESSAGES, KeyspaceCreateOptions::default)
+            .map_err(|e| self.fail("opening the old messages keyspace", e))?;
+        loop {
+            let mut batch = self.db.batch();
+            let mut bytes = 0;
+            let mut moved = 0;
+            for guard in old.iter() {
+                let (key, value) = guard
+                    .into_inner()
+                    .map_err(|e| self.fail("reading the old messages keyspace", e))?;
+                let topic_id = be_u64(&key).unwrap_or_default();
+                let offset = message_offset(topic_id, &key)?;
+                let timestamp_ms = split_value(topic_id, offset, &value)?;
+                let seg = Segment {
+                    first: offset,
+                    timestamps: vec![timestamp_ms],
+                    batch: Batch {
+                        lens: vec![(value.len() - 8) as u32],
+                        data: Bytes::from(value).slice(8..),
+                    },
+                };
+                bytes += seg.batch.data.len();
+                batch.insert(&self.keyspaces[MESSAGES], key.clone(), seg.encode());
+                batch.remove(&old, key);
+                moved += 1;
+                if bytes >= MIGRATE_BYTES {
+                    break;
+                }
+            }
+            if moved == 0 {
+                break;
+            }
+            batch
+                .commit()
+                .map_err(|e| self.fail("moving old messages", e))?;
+            tracing::info!(moved, "moved messages to the batch storage format");
+        }
+        self.db
+            .delete_keyspace(old)
+            .map_err(|e| self.fail("removing the old messages keyspace", e))?;
+        self.persist(true)
+    }
+
+    /// An offset that no stored record of `topic_id` reaches: cached in `ends`, or read
+    /// from the topic's last record. Appends only raise it and truncations leave it an
+    /// upper bound, so the cache stays true without re-reading.
+    fn stored_end(&self, ends: &mut HashMap<u64, u64>, topic_id: u64) -> Result<u64> {
+        if let Some(&end) = ends.get(&topic_id) {
+            return Ok(end);
+        }
+        let end = match self.last_record(topic_id)? {
+            Some((first, count)) => first + u64::from(count),
+            None => 0,
+        };
+        ends.insert(topic_id, end);
+        Ok(end)
+    }
+
+    /// First offset and message count of the topic's last record.
+    fn last_record(&self, topic_id: u64) -> Result<Option<(u64, u32)>> {
+        let Some(guard) = self.keyspaces[MESSAGES]
+            .prefix(topic_id.to_be_bytes())
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, value) = guard
+            .into_inner()
+            .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
+        let first = message_offset(topic_id, &key)?;
+        let count = record_count(&value).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the record of messages from {first} of topic {topic_id} is {} bytes, shorter than its header",
+                value.len()
+            ))
+        })?;
+        Ok(Some((first, count)))
+    }
+
+    /// Decodes one stored record of `topic_id`.
+    fn record(&self, topic_id: u64, guard: fjall::Guard) -> Result<Segment> {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
+        let first = message_offset(topic_id, &key)?;
+        // With fjall's `bytes_1` feature the value already is a `Bytes`, so the payloads
+        // are views into it rather than copies.
+        Segment::decode(topic_id, first, Bytes::from(value))
     }
 
     fn fail(&self, what: &str, e: fjall::Error) -> StoreError {
@@ -151,24 +263,117 @@ fn split_value(topic_id: u64, offset: u64, value: &[u8]) -> Result<u64> {
     })
 }
 
-/// True when no two appends of `ops` write the same message.
-fn appends_are_disjoint(ops: &[Op]) -> bool {
-    let mut ranges: Vec<(u64, u64, u64)> = ops
-        .iter()
-        .filter_map(|op| match op {
-            Op::Append {
-                topic_id,
-                first_offset,
-                batch,
-                ..
-            } => Some((*topic_id, *first_offset, first_offset + batch.len() as u64)),
-            _ => None,
-        })
-        .collect();
-    ranges.sort_unstable();
-    ranges
-        .windows(2)
-        .all(|w| w[0].0 != w[1].0 || w[0].2 <= w[1].1)
+/// The records of the topics one `apply` changes: each topic's [`Log`] holds its new
+/// records plus the stored ones that the apply's cuts reach, which are read in on demand.
+/// At commit, the log's segments are written and every stored record read in that is no
+/// longer there is removed, so no key gets both an insert and a removal.
+#[derive(Default)]
+struct Records {
+    topics: HashMap<u64, TopicRecords>,
+}
+
+#[derive(Default)]
+struct TopicRecords {
+    log: Log,
+    /// First offsets of the stored records now owned by `log`.
+    loaded: BTreeSet<u64>,
+    /// The topic was deleted in this apply: every stored record is in `loaded`.
+    cleared: bool,
+}
+
+impl Records {
+    /// Reads into the topic's log every stored record holding messages `from..to` that
+    /// it does not have yet.
+    fn load(
+        &mut self,
+        backend: &FjallBackend,
+        ends: &mut HashMap<u64, u64>,
+        topic_id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let end = backend.stored_end(ends, topic_id)?;
+        let t = self.topics.entry(topic_id).or_default();
+        if from >= to || from >= end || t.cleared {
+            return Ok(());
+        }
+        let ks = &backend.keyspaces[MESSAGES];
+        let before = ks
+            .range(message_key(topic_id, 0)..message_key(topic_id, from))
+            .next_back();
+        let inside = ks.range(message_key(topic_id, from)..message_key(topic_id, to.min(end)));
+        for guard in before.into_iter().chain(inside) {
+            let seg = backend.record(topic_id, guard)?;
+            if seg.end() > from && t.loaded.insert(seg.first) {
+                t.log.segments.insert(seg.first, seg);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `seg` in the topic, replacing whatever it overlaps.
+    fn append(
+        &mut self,
+        backend: &FjallBackend,
+        ends: &mut HashMap<u64, u64>,
+        topic_id: u64,
+        seg: Segment,
+    ) -> Result<()> {
+        self.load(backend, ends, topic_id, seg.first, seg.end())?;
+        self.topics.entry(topic_id).or_default().log.append(seg);
+        Ok(())
+    }
+
+    /// Removes the topic's messages below `below`.
+    fn truncate(
+        &mut self,
+        backend: &FjallBackend,
+        ends: &mut HashMap<u64, u64>,
+        topic_id: u64,
+        below: u64,
+    ) -> Result<()> {
+        self.load(backend, ends, topic_id, 0, below)?;
+        if let Some(t) = self.topics.get_mut(&topic_id) {
+            t.log.cut(0, below);
+        }
+        Ok(())
+    }
+
+    /// Removes every message of the topic, stored or written earlier in this apply.
+    fn delete(&mut self, backend: &FjallBackend, topic_id: u64) -> Result<()> {
+        let keys = backend.stored_keys(MESSAGES, &topic_id.to_be_bytes(), None)?;
+        let t = self.topics.entry(topic_id).or_default();
+        for key in keys {
+            t.loaded.insert(message_offset(topic_id, &key)?);
+        }
+        t.log.segments.clear();
+        t.cleared = true;
+        Ok(())
+    }
+
+    /// Adds the changes to `batch`; returns, per topic, the end of its last record after
+    /// the commit, if it has one.
+    fn write(
+        self,
+        backend: &FjallBackend,
+        batch: &mut fjall::OwnedWriteBatch,
+    ) -> Vec<(u64, Option<u64>, bool)> {
+        let ks = &backend.keyspaces[MESSAGES];
+        let mut ends = Vec::with_capacity(self.topics.len());
+        for (topic_id, t) in self.topics {
+            for first in &t.loaded {
+                if !t.log.segments.contains_key(first) {
+                    batch.remove(ks, message_key(topic_id, *first));
+                }
+            }
+            let end = t.log.segments.values().next_back().map(Segment::end);
+            for seg in t.log.segments.values() {
+                batch.insert(ks, message_key(topic_id, seg.first), seg.encode());
+            }
+            ends.push((topic_id, end, t.cleared));
+        }
+        ends
+    }
 }
 
 /// The net effect of one `apply`, key by key. fjall gives every item of a write batch the
@@ -220,20 +425,12 @@ impl Pending {
 impl Backend for FjallBackend {
     fn apply(&self, ops: &[Op]) -> Result<()> {
         validate(ops)?;
-        let _turn = self
+        let mut ends = self
             .apply_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut pending = Pending::default();
-        // Messages go straight into the write batch when nothing else in this apply could
-        // touch their keys: no range removal, and appends that do not overlap. That skips
-        // an ordered map insert and a key allocation per message, most of a large
-        // publish's storing cost.
-        let direct = appends_are_disjoint(ops)
-            && !ops
-                .iter()
-                .any(|op| matches!(op, Op::Truncate { .. } | Op::DeleteTopic { .. }));
-        let mut batch = self.db.batch().durability(None);
+        let mut records = Records::default();
         for op in ops {
             match op {
                 Op::PutTopic { name, meta } => {
@@ -244,32 +441,24 @@ impl Backend for FjallBackend {
                 }
                 Op::DeleteTopic { name, id } => {
                     pending.remove(TOPICS, name.as_bytes().to_vec());
-                    let prefix = id.to_be_bytes();
-                    pending.remove_range(self, MESSAGES, &prefix, None)?;
-                    pending.remove_range(self, OFFSETS, &prefix, None)?;
+                    records.delete(self, *id)?;
+                    pending.remove_range(self, OFFSETS, &id.to_be_bytes(), None)?;
                 }
                 Op::Append {
                     topic_id,
                     first_offset,
                     timestamps,
-                    batch: messages,
+                    batch,
                 } => {
-                    for (i, (payload, ts)) in messages.iter().zip(timestamps).enumerate() {
-                        let mut value = Vec::with_capacity(8 + payload.len());
-                        value.extend_from_slice(&ts.to_be_bytes());
-                        value.extend_from_slice(&payload);
-                        let key = message_key(*topic_id, first_offset + i as u64);
-                        if direct {
-                            batch.insert(&self.keyspaces[MESSAGES], key, value);
-                        } else {
-                            pending.put(MESSAGES, key.to_vec(), value.into());
-                        }
-                    }
+                    let seg = Segment {
+                        first: *first_offset,
+                        timestamps: timestamps.clone(),
+                        batch: batch.clone(),
+                    };
+                    records.append(self, &mut ends, *topic_id, seg)?;
                 }
                 Op::Truncate { topic_id, below } => {
-                    let lo = message_key(*topic_id, 0);
-                    let hi = message_key(*topic_id, *below);
-                    pending.remove_range(self, MESSAGES, &lo, Some(&hi))?;
+                    records.truncate(self, &mut ends, *topic_id, *below)?;
                 }
                 Op::SetOffset {
                     topic_id,
@@ -289,13 +478,25 @@ impl Backend for FjallBackend {
                 Op::Remove { table, key } => pending.remove(table.index(), key.clone()),
             }
         }
+        let mut batch = self.db.batch().durability(None);
+        let changed = records.write(self, &mut batch);
         for ((ks, key), value) in pending.writes {
             match value {
                 Some(value) => batch.insert(&self.keyspaces[ks], key, value),
                 None => batch.remove(&self.keyspaces[ks], key),
             }
         }
-        batch.commit().map_err(|e| self.fail("write failed", e))
+        batch.commit().map_err(|e| self.fail("write failed", e))?;
+        for (topic_id, end, cleared) in changed {
+            let end = end.unwrap_or(0);
+            match ends.get_mut(&topic_id) {
+                Some(known) if !cleared => *known = (*known).max(end),
+                _ => {
+                    ends.insert(topic_id, end);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn persist(&self, sync: bool) -> Result<()> {
@@ -336,55 +537,37 @@ impl Backend for FjallBackend {
         if max_count == 0 {
             return Ok(messages);
         }
-        let lo = message_key(topic_id, from);
-        let hi = message_key(topic_id, u64::MAX);
+        // The record holding `from` starts at or before it; the rest start after it.
+        let ks = &self.keyspaces[MESSAGES];
+        let before = ks
+            .range(message_key(topic_id, 0)..=message_key(topic_id, from))
+            .next_back();
+        let after = ks
+            .range(message_key(topic_id, from.saturating_add(1))..=message_key(topic_id, u64::MAX));
         let mut bytes = 0usize;
-        for guard in self.keyspaces[MESSAGES].range(lo..=hi) {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
-            let offset = message_offset(topic_id, &key)?;
-            let timestamp_ms = split_value(topic_id, offset, &value)?;
-            let len = value.len() - 8;
-            if !read_fits(messages.len(), bytes, len, max_count, max_bytes) {
-                break;
+        for guard in before.into_iter().chain(after) {
+            let seg = self.record(topic_id, guard)?;
+            for m in seg.messages_from(from) {
+                if !read_fits(messages.len(), bytes, m.payload.len(), max_count, max_bytes) {
+                    return Ok(messages);
+                }
+                bytes += m.payload.len();
+                messages.push(m);
             }
-            bytes += len;
-            // With fjall's `bytes_1` feature the value already is a `Bytes`, so the payload is
-            // a view into it rather than a copy.
-            let payload = Bytes::from(value).slice(8..);
-            messages.push(Message {
-                offset,
-                timestamp_ms,
-                payload,
-            });
         }
         Ok(messages)
     }
 
     fn last_offset(&self, topic_id: u64) -> Result<Option<u64>> {
-        let Some(guard) = self.keyspaces[MESSAGES]
-            .prefix(topic_id.to_be_bytes())
-            .next_back()
-        else {
-            return Ok(None);
-        };
-        let key = guard
-            .key()
-            .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
-        message_offset(topic_id, &key).map(Some)
+        Ok(self
+            .last_record(topic_id)?
+            .and_then(|(first, count)| (first + u64::from(count)).checked_sub(1)))
     }
 
     fn sizes(&self, topic_id: u64) -> Result<Vec<(u64, u64, u32)>> {
         let mut sizes = Vec::new();
         for guard in self.keyspaces[MESSAGES].prefix(topic_id.to_be_bytes()) {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
-            let offset = message_offset(topic_id, &key)?;
-            let timestamp_ms = split_value(topic_id, offset, &value)?;
-            // Values are written from u32-length payloads, so this cannot truncate.
-            sizes.push((offset, timestamp_ms, (value.len() - 8) as u32));
+            sizes.extend(self.record(topic_id, guard)?.sizes());
         }
         Ok(sizes)
     }

@@ -12,17 +12,24 @@
 //! | keyspace    | key                                  | value                          |
 //! |-------------|--------------------------------------|--------------------------------|
 //! | `topics`    | topic name                           | postcard([`TopicMeta`])        |
-//! | `messages`  | topic id (u64) ‖ offset (u64)        | timestamp ms (u64) ‖ payload   |
+//! | `batches`   | topic id (u64) ‖ first offset (u64)  | one publish's messages (below) |
 //! | `offsets`   | topic id (u64) ‖ subscriber (UTF-8)  | offset (u64)                   |
 //! | [`Table`]s  | caller's key                         | caller's value                 |
 //!
-//! All topics share the `messages` and `offsets` keyspaces: a keyspace per topic would cost
+//! A `batches` record holds the messages of one publish, as Kafka keeps a record batch:
+//! format (u8: one shared timestamp or one each), count (u32), the timestamp(s) (u64 ms),
+//! the payload lengths (u32 each), then the payloads. Storing a publish is one insert
+//! rather than one per message, which is what makes `sync` durability keep up with
+//! `memory`. A truncation or an overlapping append rewrites the records it cuts.
+//!
+//! All topics share the `batches` and `offsets` keyspaces: a keyspace per topic would cost
 //! a journal-tracked LSM tree per topic and make topic creation a schema change.
 
 #![warn(missing_docs)]
 
 mod fjall_backend;
 mod memory;
+mod segment;
 mod writer;
 
 pub use fjall_backend::FjallBackend;

@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use peerbus_proto::{Batch, Message};
+use peerbus_proto::Message;
 
+use crate::segment::{Log, Segment};
 use crate::{Backend, Op, Result, Table, TopicMeta, read_fits, validate};
 
 /// Storage in ordered maps, for tests and for nodes that need no durability.
@@ -165,13 +166,7 @@ impl Backend for MemoryBackend {
     fn sizes(&self, topic_id: u64) -> Result<Vec<(u64, u64, u32)>> {
         let state = self.read_state();
         Ok(state.logs.get(&topic_id).map_or_else(Vec::new, |log| {
-            log.segments
-                .values()
-                .flat_map(|seg| {
-                    (0..seg.batch.len())
-                        .map(|i| (seg.first + i as u64, seg.timestamps[i], seg.batch.lens[i]))
-                })
-                .collect()
+            log.segments.values().flat_map(Segment::sizes).collect()
         }))
     }
 
@@ -196,104 +191,5 @@ impl Backend for MemoryBackend {
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.read_state().tables[table.index()].get(key).cloned())
-    }
-}
-
-/// One topic's messages as the batches they were appended in, keyed by first offset and
-/// never overlapping: storing a publish is one map insert that shares the batch's buffer
-/// rather than a copy and an insert per message. A batch cut by retention or overwritten
-/// in part keeps sharing its buffer, so a topic may hold up to one batch's bytes more than
-/// its messages.
-#[derive(Default)]
-struct Log {
-    segments: BTreeMap<u64, Segment>,
-}
-
-/// Messages `first..first + batch.len()`, with their timestamps.
-struct Segment {
-    first: u64,
-    timestamps: Vec<u64>,
-    batch: Batch,
-}
-
-impl Segment {
-    fn end(&self) -> u64 {
-        self.first + self.batch.len() as u64
-    }
-
-    /// Messages `from..to` of this segment (offsets, clamped to it), sharing its buffer.
-    fn slice(&self, from: u64, to: u64) -> Segment {
-        let lo = (from.max(self.first) - self.first) as usize;
-        let hi = (to.min(self.end()) - self.first) as usize;
-        let start: usize = self.batch.lens[..lo].iter().map(|&l| l as usize).sum();
-        let len: usize = self.batch.lens[lo..hi].iter().map(|&l| l as usize).sum();
-        Segment {
-            first: self.first + lo as u64,
-            timestamps: self.timestamps[lo..hi].to_vec(),
-            batch: Batch {
-                lens: self.batch.lens[lo..hi].to_vec(),
-                data: self.batch.data.slice(start..start + len),
-            },
-        }
-    }
-}
-
-impl Log {
-    /// Stores `seg`, replacing whatever it overlaps.
-    fn append(&mut self, seg: Segment) {
-        self.cut(seg.first, seg.end());
-        self.segments.insert(seg.first, seg);
-    }
-
-    /// Removes messages `from..to`, keeping the parts of segments outside that range.
-    fn cut(&mut self, from: u64, to: u64) {
-        if from >= to {
-            return;
-        }
-        // The segment starting before `from` may reach into the range; the others that
-        // overlap start inside it.
-        let mut hit: Vec<u64> = self
-            .segments
-            .range(..from)
-            .next_back()
-            .filter(|(_, seg)| seg.end() > from)
-            .map(|(&k, _)| k)
-            .into_iter()
-            .collect();
-        hit.extend(self.segments.range(from..to).map(|(&k, _)| k));
-        for k in hit {
-            let seg = self.segments.remove(&k).expect("listed above");
-            if seg.first < from {
-                let before = seg.slice(seg.first, from);
-                self.segments.insert(before.first, before);
-            }
-            if seg.end() > to {
-                let after = seg.slice(to, seg.end());
-                self.segments.insert(after.first, after);
-            }
-        }
-    }
-
-    /// Every message from offset `from` on, in order.
-    fn messages_from(&self, from: u64) -> impl Iterator<Item = Message> + '_ {
-        let start = self
-            .segments
-            .range(..=from)
-            .next_back()
-            .filter(|(_, seg)| seg.end() > from)
-            .map_or(from, |(&k, _)| k);
-        self.segments
-            .range(start..)
-            .flat_map(move |(_, seg)| {
-                seg.batch
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, payload)| Message {
-                        offset: seg.first + i as u64,
-                        timestamp_ms: seg.timestamps[i],
-                        payload,
-                    })
-            })
-            .filter(move |m| m.offset >= from)
     }
 }

@@ -472,35 +472,91 @@ fn fjall_reopen_keeps_what_a_synced_writer_wrote() {
     );
 }
 
-#[test]
-fn fjall_short_message_value_is_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let db = fjall::Database::builder(dir.path()).open().unwrap();
-        let messages = db
-            .keyspace("messages", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        let mut key = 7u64.to_be_bytes().to_vec();
-        key.extend_from_slice(&3u64.to_be_bytes());
-        messages.insert(key, [1u8, 2]).unwrap();
-        db.persist(fjall::PersistMode::SyncData).unwrap();
+/// Writes raw `(topic, offset, value)` records into keyspace `name` of a fjall database
+/// in `dir`, as a damaged disk or an earlier version would have left them.
+fn write_raw(dir: &std::path::Path, name: &str, records: &[(u64, u64, Vec<u8>)]) {
+    let db = fjall::Database::builder(dir).open().unwrap();
+    let ks = db
+        .keyspace(name, fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    for (topic, offset, value) in records {
+        let mut key = topic.to_be_bytes().to_vec();
+        key.extend_from_slice(&offset.to_be_bytes());
+        ks.insert(key, value.as_slice()).unwrap();
     }
+    db.persist(fjall::PersistMode::SyncData).unwrap();
+}
+
+#[test]
+fn fjall_damaged_record_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    // A header claiming two messages (one timestamp), with lengths of 4 + 4 bytes but
+    // only 3 payload bytes.
+    let mut value = vec![0u8, 0, 0, 0, 2];
+    value.extend_from_slice(&9u64.to_be_bytes());
+    value.extend_from_slice(&4u32.to_be_bytes());
+    value.extend_from_slice(&4u32.to_be_bytes());
+    value.extend_from_slice(b"abc");
+    write_raw(dir.path(), "batches", &[(7, 3, value), (8, 0, vec![1, 2])]);
     let backend = FjallBackend::open(dir.path()).unwrap();
-    for err in [
-        backend.read(7, 0, 10, 10).unwrap_err(),
-        backend.sizes(7).unwrap_err(),
+    for (topic, err) in [
+        (7, backend.read(7, 0, 10, 10).unwrap_err()),
+        (7, backend.sizes(7).unwrap_err()),
+        (8, backend.read(8, 0, 10, 10).unwrap_err()),
+        (8, backend.last_offset(8).unwrap_err()),
     ] {
         match err {
             StoreError::Corrupt(msg) => {
-                assert!(
-                    msg.contains("topic 7") && msg.contains("message 3"),
-                    "{msg}"
-                );
+                assert!(msg.contains(&format!("topic {topic}")), "{msg}");
             }
             other => panic!("expected corruption, got {other}"),
         }
     }
-    assert_eq!(backend.last_offset(7).unwrap(), Some(3));
+    // The header alone is intact, so the last offset is still known.
+    assert_eq!(backend.last_offset(7).unwrap(), Some(4));
+    // Nothing can be appended over a record that does not decode.
+    assert!(matches!(
+        backend.apply(&[append(7, 4, &[b"x"])]),
+        Err(StoreError::Corrupt(_))
+    ));
+    backend.apply(&[append(7, 5, &[b"y"])]).unwrap();
+}
+
+#[test]
+fn fjall_open_moves_messages_stored_one_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = |ts: u64, payload: &[u8]| {
+        let mut value = ts.to_be_bytes().to_vec();
+        value.extend_from_slice(payload);
+        value
+    };
+    write_raw(
+        dir.path(),
+        "messages",
+        &[
+            (2, 5, old(50, b"five")),
+            (2, 6, old(60, b"")),
+            (3, 0, old(1, b"zero")),
+        ],
+    );
+    {
+        let backend = FjallBackend::open(dir.path()).unwrap();
+        let got: Vec<(u64, u64, Vec<u8>)> = backend
+            .read(2, 0, 10, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.offset, m.timestamp_ms, m.payload.to_vec()))
+            .collect();
+        assert_eq!(got, [(5, 50, b"five".to_vec()), (6, 60, vec![])]);
+        assert_eq!(backend.last_offset(2).unwrap(), Some(6));
+        backend.apply(&[append(2, 7, &[b"seven"])]).unwrap();
+        assert_eq!(read_offsets(&backend, 3, 0, 10, 100), [0]);
+        backend.persist(true).unwrap();
+    }
+    // Opened again: the old keyspace is gone and nothing moves twice.
+    let backend = FjallBackend::open(dir.path()).unwrap();
+    assert_eq!(read_offsets(&backend, 2, 0, 10, 100), [5, 6, 7]);
+    assert_eq!(backend.sizes(3).unwrap(), [(0, 1, 4)]);
 }
 
 /// One random write, small ranges so ops collide often.
@@ -598,6 +654,20 @@ proptest! {
             prop_assert_eq!(disk.last_offset(topic).unwrap(), memory.last_offset(topic).unwrap());
             prop_assert_eq!(disk.sizes(topic).unwrap(), memory.sizes(topic).unwrap());
             prop_assert_eq!(disk.offsets(topic).unwrap(), memory.offsets(topic).unwrap());
+        }
+        // Opened again, the disk backend knows where each topic ends only from what it
+        // stored: an append must replace exactly what it overlaps there too.
+        drop(disk);
+        let disk = FjallBackend::open(dir.path()).unwrap();
+        let ops: Vec<Op> = (0..3).map(|topic| to_op(&Step::Append { topic, first: from, lens: vec![1, 2] }, seq + 1)).collect();
+        disk.apply(&ops).unwrap();
+        memory.apply(&ops).unwrap();
+        for topic in 0..3 {
+            prop_assert_eq!(
+                disk.read(topic, 0, usize::MAX, usize::MAX).unwrap(),
+                memory.read(topic, 0, usize::MAX, usize::MAX).unwrap()
+            );
+            prop_assert_eq!(disk.last_offset(topic).unwrap(), memory.last_offset(topic).unwrap());
         }
     }
 }
