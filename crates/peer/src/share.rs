@@ -517,9 +517,10 @@ fn read_piece_blocking(root: &Path, f: &SharedFile, index: u32) -> Result<Bytes,
     }
     let m = &f.manifest;
     let offset = u64::from(index) * u64::from(m.piece_len);
-    let mut buf = vec![0u8; tree::piece_size(m.size, m.piece_len, u64::from(index))];
-    read_exact_at(&file, &mut buf, offset)?;
-    Ok(Bytes::from(buf))
+    let len = tree::piece_size(m.size, m.piece_len, u64::from(index));
+    Ok(peerbus_proto::pool::filled(len, |buf| {
+        read_exact_at(&file, buf, offset)
+    })?)
 }
 
 #[cfg(unix)]

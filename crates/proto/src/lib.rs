@@ -12,6 +12,7 @@
 mod codec;
 mod message;
 mod names;
+pub mod pool;
 
 pub use codec::{
     CodecError, DEFAULT_MAX_FRAME, FRAME_HEADER, FrameCodec, decode_client, decode_server,

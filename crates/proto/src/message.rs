@@ -586,8 +586,9 @@ pub enum Response {
     Files(Vec<FileHit>),
     /// Answer to [`Request::FileManifest`].
     Manifest(Manifest),
-    /// Answer to [`Request::ReadPiece`]: the piece's bytes.
-    Piece(Bytes),
+    /// Answer to [`Request::ReadPiece`]: the piece's bytes (decoded into a reused
+    /// buffer, see [`crate::pool`]).
+    Piece(#[serde(deserialize_with = "crate::pool::deserialize")] Bytes),
     /// Answer to [`Request::Fetch`].
     Fetched(FetchReport),
     /// Answer to [`Request::ListParticipants`]: the names, sorted.
