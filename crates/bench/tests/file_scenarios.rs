@@ -95,6 +95,15 @@ async fn download_scenario_writes_its_tables_plots_and_ratio() {
             .any(|l| l.starts_with("download 4 MiB from 3 sources: ")),
         "{lines:?}"
     );
+    let ceiling = lines
+        .iter()
+        .find(|l| l.starts_with("verified download ceiling on "))
+        .unwrap_or_else(|| panic!("no ceiling line in {lines:?}"));
+    assert!(number_after(ceiling, "cores: ") > 0.0, "{ceiling}");
+    let large = std::fs::read_to_string(dir.path().join("download-large.csv")).unwrap();
+    for row in ["BLAKE3 it (one core)", "ceiling: all of the above"] {
+        assert!(large.contains(row), "{large}");
+    }
     let last = lines.last().unwrap();
     assert!(
         last.starts_with("download/loopback bandwidth ratio: "),

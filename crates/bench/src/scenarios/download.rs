@@ -18,7 +18,9 @@
 //!   requests pile onto one holder at a time.
 //! * The same with N up to 32 peers: time until the last downloader is done.
 //! * One large file from 1 and from 3 sources, in MB/s, next to a tokio TCP sender/receiver
-//!   pair on 127.0.0.1 pushing the same number of bytes.
+//!   pair on 127.0.0.1 pushing the same number of bytes, and next to the local work a
+//!   verified download cannot skip (reading the file, BLAKE3, writing the copy), each timed
+//!   on one core: spread over every core, that work is the ceiling this machine allows.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -529,6 +531,8 @@ async fn large_file(options: &Options, size: u64, scratch: &Path) -> anyhow::Res
         ]);
         results.push((sources, took, rate));
     }
+    let (source, dir) = (first.clone(), scratch.to_path_buf());
+    let work = tokio::task::spawn_blocking(move || local_work(&source, &dir, size)).await??;
     target.close().await;
 
     // Raw loopback TCP: best of three, so the ratio is not flattered by a slow sample.
@@ -547,6 +551,36 @@ async fn large_file(options: &Options, size: u64, scratch: &Path) -> anyhow::Res
         size.to_string(),
         format!("{:.3}", loop_took.as_secs_f64()),
         format!("{loopback:.1}"),
+    ]);
+    for (what, took) in [
+        ("read it from the share's file (pread, one core)", work.read),
+        ("BLAKE3 it (one core)", work.hash),
+        (
+            "write it to a new file beside the downloads (one core)",
+            work.write,
+        ),
+    ] {
+        table.row([
+            what.to_string(),
+            "-".to_string(),
+            size.to_string(),
+            format!("{:.3}", took.as_secs_f64()),
+            format!("{:.1}", mb_per_s(size, took)),
+        ]);
+    }
+    // What a verified download cannot avoid: the holder reads the file, both ends copy
+    // through the socket (what the loopback pair measures, one core each), the downloader
+    // hashes and writes. Spread perfectly over every core, that work is the ceiling.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core_seconds = (work.read + work.hash + work.write).as_secs_f64()
+        + cores.min(2) as f64 * loop_took.as_secs_f64();
+    let ceiling = size as f64 / (1 << 20) as f64 / (core_seconds / cores as f64);
+    table.row([
+        format!("ceiling: all of the above spread over {cores} cores"),
+        "-".to_string(),
+        size.to_string(),
+        format!("{:.3}", core_seconds / cores as f64),
+        format!("{ceiling:.1}"),
     ]);
     table.write(&options.out)?;
     if options.progress {
@@ -585,10 +619,60 @@ async fn large_file(options: &Options, size: u64, scratch: &Path) -> anyhow::Res
         loop_took.as_secs_f64()
     ));
     lines.push(format!(
+        "verified download ceiling on {cores} cores: {ceiling:.1} MB/s ({:.3} of loopback): \
+         read {:.2} s, BLAKE3 {:.2} s and write {:.2} s per {human} on one core",
+        ceiling / loopback.max(f64::MIN_POSITIVE),
+        work.read.as_secs_f64(),
+        work.hash.as_secs_f64(),
+        work.write.as_secs_f64(),
+    ));
+    lines.push(format!(
         "download/loopback bandwidth ratio: {:.3}",
         if loopback > 0.0 { best / loopback } else { 0.0 }
     ));
     Ok(lines)
+}
+
+/// One core's time for each piece of local work a verified download of the file does.
+struct LocalWork {
+    read: Duration,
+    hash: Duration,
+    write: Duration,
+}
+
+/// Times reading `source` in 1 MiB pieces, hashing it with BLAKE3 and writing it to a new
+/// file in `dir`, each on this thread alone, with one reused buffer.
+fn local_work(source: &Path, dir: &Path, size: u64) -> anyhow::Result<LocalWork> {
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let pieces = size.div_ceil(buf.len() as u64);
+    let piece = |i: u64| (size - i * (1 << 20)).min(1 << 20) as usize;
+    let start = Instant::now();
+    for i in 0..pieces {
+        file.read_exact_at(&mut buf[..piece(i)], i << 20)?;
+    }
+    let read = start.elapsed();
+    let start = Instant::now();
+    let mut hasher = blake3::Hasher::new();
+    for i in 0..pieces {
+        hasher.update(&buf[..piece(i)]);
+    }
+    std::hint::black_box(hasher.finalize());
+    let hash = start.elapsed();
+    let path = dir.join("local-write.bin");
+    let out = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    out.set_len(size)?;
+    let start = Instant::now();
+    for i in 0..pieces {
+        out.write_all_at(&buf[..piece(i)], i << 20)?;
+    }
+    let write = start.elapsed();
+    drop(out);
+    std::fs::remove_file(&path)?;
+    Ok(LocalWork { read, hash, write })
 }
 
 fn human_size(bytes: u64) -> String {
