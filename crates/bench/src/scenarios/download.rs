@@ -601,6 +601,10 @@ async fn large_file(options: &Options, size: u64, scratch: &Path) -> anyhow::Res
         "loopback TCP",
         vec![(1.0, loopback), (3.0, loopback)],
     ));
+    plot.series.push(Series::new(
+        "ceiling: the download's own work on every core",
+        vec![(1.0, ceiling), (3.0, ceiling)],
+    ));
     plot.write(&options.out)?;
 
     let best = results.iter().map(|r| r.2).fold(0.0, f64::max);
