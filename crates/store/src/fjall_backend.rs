@@ -41,9 +41,9 @@ pub struct FjallBackend {
     path: PathBuf,
     /// `apply` reads stored records to cut them and keys to expand deletions into
     /// removals; two concurrent applies could each miss the other's, so they take turns.
-    /// The lock holds, per topic, an offset that no stored record reaches (see
-    /// [`FjallBackend::stored_end`]), so an append past it needs no read at all.
-    apply_lock: Mutex<HashMap<u64, u64>>,
+    /// The lock holds each touched topic's [`Bounds`], so an append past the end reads
+    /// nothing and a truncation reads only from where the last one stopped.
+    apply_lock: Mutex<HashMap<u64, Bounds>>,
 }
 
 impl std::fmt::Debug for FjallBackend {
@@ -52,6 +52,17 @@ impl std::fmt::Debug for FjallBackend {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a topic's stored records can be: every one starts at or after `start` and ends at
+/// or before `end`. Kept per topic while the backend is open, so neither an append at the
+/// end nor a truncation re-reads what earlier ones already settled; a truncation would
+/// otherwise scan from offset 0 over the deletion markers of everything cut before, until
+/// a compaction drops them.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    start: u64,
+    end: u64,
 }
 
 /// Cap on the journals' total size; see [`FjallBackend::open`].
@@ -159,19 +170,19 @@ impl FjallBackend {
         self.persist(true)
     }
 
-    /// An offset that no stored record of `topic_id` reaches: cached in `ends`, or read
-    /// from the topic's last record. Appends only raise it and truncations leave it an
-    /// upper bound, so the cache stays true without re-reading.
-    fn stored_end(&self, ends: &mut HashMap<u64, u64>, topic_id: u64) -> Result<u64> {
-        if let Some(&end) = ends.get(&topic_id) {
-            return Ok(end);
+    /// The topic's [`Bounds`]: cached in `known`, or `start` 0 and `end` read from the
+    /// topic's last record.
+    fn bounds(&self, known: &mut HashMap<u64, Bounds>, topic_id: u64) -> Result<Bounds> {
+        if let Some(&b) = known.get(&topic_id) {
+            return Ok(b);
         }
         let end = match self.last_record(topic_id)? {
             Some((first, count)) => first + u64::from(count),
             None => 0,
         };
-        ends.insert(topic_id, end);
-        Ok(end)
+        let b = Bounds { start: 0, end };
+        known.insert(topic_id, b);
+        Ok(b)
     }
 
     /// First offset and message count of the topic's last record.
@@ -279,6 +290,9 @@ struct TopicRecords {
     loaded: BTreeSet<u64>,
     /// The topic was deleted in this apply: every stored record is in `loaded`.
     cleared: bool,
+    /// The highest truncation of this apply: every stored record starting below it was
+    /// read into `log` (and cut there).
+    below: u64,
 }
 
 impl Records {
@@ -287,19 +301,20 @@ impl Records {
     fn load(
         &mut self,
         backend: &FjallBackend,
-        ends: &mut HashMap<u64, u64>,
+        known: &mut HashMap<u64, Bounds>,
         topic_id: u64,
         from: u64,
         to: u64,
     ) -> Result<()> {
-        let end = backend.stored_end(ends, topic_id)?;
+        let Bounds { start, end } = backend.bounds(known, topic_id)?;
         let t = self.topics.entry(topic_id).or_default();
-        if from >= to || from >= end || t.cleared {
+        if from >= to || from >= end || to <= start || t.cleared {
             return Ok(());
         }
         let ks = &backend.keyspaces[MESSAGES];
+        let from = from.max(start);
         let before = ks
-            .range(message_key(topic_id, 0)..message_key(topic_id, from))
+            .range(message_key(topic_id, start)..message_key(topic_id, from))
             .next_back();
         let inside = ks.range(message_key(topic_id, from)..message_key(topic_id, to.min(end)));
         for guard in before.into_iter().chain(inside) {
@@ -315,11 +330,11 @@ impl Records {
     fn append(
         &mut self,
         backend: &FjallBackend,
-        ends: &mut HashMap<u64, u64>,
+        known: &mut HashMap<u64, Bounds>,
         topic_id: u64,
         seg: Segment,
     ) -> Result<()> {
-        self.load(backend, ends, topic_id, seg.first, seg.end())?;
+        self.load(backend, known, topic_id, seg.first, seg.end())?;
         self.topics.entry(topic_id).or_default().log.append(seg);
         Ok(())
     }
@@ -328,14 +343,14 @@ impl Records {
     fn truncate(
         &mut self,
         backend: &FjallBackend,
-        ends: &mut HashMap<u64, u64>,
+        known: &mut HashMap<u64, Bounds>,
         topic_id: u64,
         below: u64,
     ) -> Result<()> {
-        self.load(backend, ends, topic_id, 0, below)?;
-        if let Some(t) = self.topics.get_mut(&topic_id) {
-            t.log.cut(0, below);
-        }
+        self.load(backend, known, topic_id, 0, below)?;
+        let t = self.topics.entry(topic_id).or_default();
+        t.log.cut(0, below);
+        t.below = t.below.max(below);
         Ok(())
     }
 
@@ -351,28 +366,46 @@ impl Records {
         Ok(())
     }
 
-    /// Adds the changes to `batch`; returns, per topic, the end of its last record after
-    /// the commit, if it has one.
+    /// Adds the changes to `batch`; returns each topic's [`Bounds`] once the batch is
+    /// committed, given those `known` before this apply.
     fn write(
         self,
         backend: &FjallBackend,
+        known: &HashMap<u64, Bounds>,
         batch: &mut fjall::OwnedWriteBatch,
-    ) -> Vec<(u64, Option<u64>, bool)> {
+    ) -> Vec<(u64, Bounds)> {
         let ks = &backend.keyspaces[MESSAGES];
-        let mut ends = Vec::with_capacity(self.topics.len());
+        let mut after = Vec::with_capacity(self.topics.len());
         for (topic_id, t) in self.topics {
             for first in &t.loaded {
                 if !t.log.segments.contains_key(first) {
                     batch.remove(ks, message_key(topic_id, *first));
                 }
             }
-            let end = t.log.segments.values().next_back().map(Segment::end);
             for seg in t.log.segments.values() {
                 batch.insert(ks, message_key(topic_id, seg.first), seg.encode());
             }
-            ends.push((topic_id, end, t.cleared));
+            // Stored records outside the log were not touched: they start at or after the
+            // old start and the truncation point, and end by the old end.
+            let old = match known.get(&topic_id) {
+                _ if t.cleared => Bounds { start: 0, end: 0 },
+                Some(b) => *b,
+                // Every op but a deletion reads the bounds first, so this is not reached;
+                // without them nothing is known to keep.
+                None => continue,
+            };
+            let first = t.log.segments.keys().next().copied();
+            let last = t.log.segments.values().next_back().map(Segment::end);
+            let start = old.start.max(t.below);
+            after.push((
+                topic_id,
+                Bounds {
+                    start: first.map_or(start, |f| f.min(start)),
+                    end: last.map_or(old.end, |e| e.max(old.end)),
+                },
+            ));
         }
-        ends
+        after
     }
 }
 
@@ -425,7 +458,7 @@ impl Pending {
 impl Backend for FjallBackend {
     fn apply(&self, ops: &[Op]) -> Result<()> {
         validate(ops)?;
-        let mut ends = self
+        let mut known = self
             .apply_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -455,10 +488,10 @@ impl Backend for FjallBackend {
                         timestamps: timestamps.clone(),
                         batch: batch.clone(),
                     };
-                    records.append(self, &mut ends, *topic_id, seg)?;
+                    records.append(self, &mut known, *topic_id, seg)?;
                 }
                 Op::Truncate { topic_id, below } => {
-                    records.truncate(self, &mut ends, *topic_id, *below)?;
+                    records.truncate(self, &mut known, *topic_id, *below)?;
                 }
                 Op::SetOffset {
                     topic_id,
@@ -479,7 +512,7 @@ impl Backend for FjallBackend {
             }
         }
         let mut batch = self.db.batch().durability(None);
-        let changed = records.write(self, &mut batch);
+        let changed = records.write(self, &known, &mut batch);
         for ((ks, key), value) in pending.writes {
             match value {
                 Some(value) => batch.insert(&self.keyspaces[ks], key, value),
@@ -487,15 +520,7 @@ impl Backend for FjallBackend {
             }
         }
         batch.commit().map_err(|e| self.fail("write failed", e))?;
-        for (topic_id, end, cleared) in changed {
-            let end = end.unwrap_or(0);
-            match ends.get_mut(&topic_id) {
-                Some(known) if !cleared => *known = (*known).max(end),
-                _ => {
-                    ends.insert(topic_id, end);
-                }
-            }
-        }
+        known.extend(changed);
         Ok(())
     }
 
