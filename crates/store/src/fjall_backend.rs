@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Slice};
 use peerbus_proto::{Batch, Message};
 
 use crate::segment::{Log, Segment, record_count};
@@ -563,12 +563,18 @@ impl Backend for FjallBackend {
             return Ok(messages);
         }
         // The record holding `from` starts at or before it; the rest start after it.
+        // Two scans, so both read one snapshot: a truncation or an overwrite committed in
+        // between rewrites the record holding `from` under a later key, which the second
+        // scan would otherwise return again.
         let ks = &self.keyspaces[MESSAGES];
-        let before = ks
-            .range(message_key(topic_id, 0)..=message_key(topic_id, from))
+        let snapshot = self.db.snapshot();
+        let before = snapshot
+            .range(ks, message_key(topic_id, 0)..=message_key(topic_id, from))
             .next_back();
-        let after = ks
-            .range(message_key(topic_id, from.saturating_add(1))..=message_key(topic_id, u64::MAX));
+        let after = snapshot.range(
+            ks,
+            message_key(topic_id, from.saturating_add(1))..=message_key(topic_id, u64::MAX),
+        );
         let mut bytes = 0usize;
         for guard in before.into_iter().chain(after) {
             let seg = self.record(topic_id, guard)?;

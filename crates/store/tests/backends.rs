@@ -472,6 +472,49 @@ fn fjall_reopen_keeps_what_a_synced_writer_wrote() {
     );
 }
 
+#[test]
+fn fjall_reads_racing_truncations_return_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FjallBackend::open(dir.path()).unwrap());
+    // Records of 16 messages; the truncation then moves through them one message at a
+    // time, rewriting the record it cuts under a later key each time.
+    let payloads = [b"m".as_slice(); 16];
+    for r in 0..256u64 {
+        backend.apply(&[append(1, r * 16, &payloads)]).unwrap();
+    }
+    let cutter = {
+        let backend = backend.clone();
+        std::thread::spawn(move || {
+            for below in 1..4096 {
+                backend
+                    .apply(&[Op::Truncate { topic_id: 1, below }])
+                    .unwrap();
+            }
+        })
+    };
+    let mut reads = 0u64;
+    while !cutter.is_finished() {
+        // Reading from where the truncation is now: the read races the cut.
+        let from = backend
+            .read(1, 0, 1, usize::MAX)
+            .unwrap()
+            .first()
+            .map_or(0, |m| m.offset);
+        let got = backend.read(1, from, 64, usize::MAX).unwrap();
+        for pair in got.windows(2) {
+            assert_eq!(
+                pair[1].offset,
+                pair[0].offset + 1,
+                "read from {from}: {got:?}"
+            );
+        }
+        reads += 1;
+    }
+    cutter.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(read_offsets(&*backend, 1, 0, 10, 100), [4095]);
+}
+
 /// Writes raw `(topic, offset, value)` records into keyspace `name` of a fjall database
 /// in `dir`, as a damaged disk or an earlier version would have left them.
 fn write_raw(dir: &std::path::Path, name: &str, records: &[(u64, u64, Vec<u8>)]) {
