@@ -42,8 +42,47 @@ struct Inner {
     /// One slot per address, so connecting to a slow or dead node never delays requests to
     /// the others.
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
-    locations: Mutex<HashMap<String, String>>,
+    locations: Mutex<Locations>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
+}
+
+/// Topic locations a client keeps at most. A client that touches more topics than this
+/// (a gateway, a benchmark of random lookups over a million topics) looks the others up
+/// again instead of holding every answer it ever got.
+const MAX_LOCATIONS: usize = 1 << 16;
+
+/// Topic → host address, bounded: at capacity, a new topic displaces an arbitrary one.
+#[derive(Debug)]
+struct Locations {
+    map: HashMap<String, String>,
+    cap: usize,
+}
+
+impl Locations {
+    fn new(cap: usize) -> Self {
+        Locations {
+            map: HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn insert(&mut self, topic: &str, addr: &str) {
+        if self.map.len() >= self.cap
+            && !self.map.contains_key(topic)
+            && let Some(victim) = self.map.keys().next().cloned()
+        {
+            self.map.remove(&victim);
+        }
+        self.map.insert(topic.to_string(), addr.to_string());
+    }
+
+    fn get(&self, topic: &str) -> Option<&String> {
+        self.map.get(topic)
+    }
+
+    fn remove(&mut self, topic: &str) {
+        self.map.remove(topic);
+    }
 }
 
 fn unexpected(addr: &str, what: &Response) -> ClientError {
@@ -67,7 +106,7 @@ impl Client {
                 index: index.into(),
                 token,
                 conns: Mutex::new(HashMap::new()),
-                locations: Mutex::new(HashMap::new()),
+                locations: Mutex::new(Locations::new(MAX_LOCATIONS)),
                 batchers: Mutex::new(HashMap::new()),
             }),
         }
@@ -142,7 +181,7 @@ impl Client {
             .locations
             .lock()
             .expect("locations lock")
-            .insert(loc.topic.clone(), loc.addr.clone());
+            .insert(&loc.topic, &loc.addr);
     }
 
     fn cached_host(&self, topic: &str) -> Option<String> {
@@ -650,5 +689,31 @@ impl Future for PublishAck {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Locations;
+
+    #[test]
+    fn locations_stay_within_their_bound() {
+        let mut l = Locations::new(3);
+        for i in 0..10 {
+            l.insert(&format!("t{i}"), "a:1");
+            assert!(l.map.len() <= 3);
+        }
+        // The newest answer is always kept, and replacing a known topic evicts nothing.
+        assert_eq!(l.get("t9").map(String::as_str), Some("a:1"));
+        let before: Vec<String> = l.map.keys().cloned().collect();
+        l.insert("t9", "b:2");
+        let mut after: Vec<String> = l.map.keys().cloned().collect();
+        let mut before = before;
+        before.sort();
+        after.sort();
+        assert_eq!(before, after);
+        assert_eq!(l.get("t9").map(String::as_str), Some("b:2"));
+        l.remove("t9");
+        assert_eq!(l.get("t9"), None);
     }
 }
