@@ -51,7 +51,9 @@ struct Inner {
 /// again instead of holding every answer it ever got.
 const MAX_LOCATIONS: usize = 1 << 16;
 
-/// Topic → host address, bounded: at capacity, a new topic displaces an arbitrary one.
+/// Topic → host address, bounded: a new topic arriving at capacity starts the cache
+/// afresh. Forgetting everything costs one lookup per topic still in use; evicting one
+/// entry at a time would need an order to evict in, kept on every hit.
 #[derive(Debug)]
 struct Locations {
     map: HashMap<String, String>,
@@ -67,11 +69,8 @@ impl Locations {
     }
 
     fn insert(&mut self, topic: &str, addr: &str) {
-        if self.map.len() >= self.cap
-            && !self.map.contains_key(topic)
-            && let Some(victim) = self.map.keys().next().cloned()
-        {
-            self.map.remove(&victim);
+        if self.map.len() >= self.cap && !self.map.contains_key(topic) {
+            self.map.clear();
         }
         self.map.insert(topic.to_string(), addr.to_string());
     }
@@ -703,7 +702,7 @@ mod tests {
             l.insert(&format!("t{i}"), "a:1");
             assert!(l.map.len() <= 3);
         }
-        // The newest answer is always kept, and replacing a known topic evicts nothing.
+        // The newest answer is always kept, and replacing a known topic forgets nothing.
         assert_eq!(l.get("t9").map(String::as_str), Some("a:1"));
         let before: Vec<String> = l.map.keys().cloned().collect();
         l.insert("t9", "b:2");
