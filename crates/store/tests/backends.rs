@@ -666,6 +666,33 @@ fn to_op(step: &Step, seq: usize) -> Op {
     }
 }
 
+/// Both backends hold the same for every topic the random steps touch.
+fn agree(
+    disk: &dyn Backend,
+    memory: &dyn Backend,
+    from: u64,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<(), TestCaseError> {
+    for topic in 0..3 {
+        prop_assert_eq!(
+            disk.read(topic, 0, usize::MAX, usize::MAX).unwrap(),
+            memory.read(topic, 0, usize::MAX, usize::MAX).unwrap()
+        );
+        prop_assert_eq!(
+            disk.read(topic, from, max_count, max_bytes).unwrap(),
+            memory.read(topic, from, max_count, max_bytes).unwrap()
+        );
+        prop_assert_eq!(
+            disk.last_offset(topic).unwrap(),
+            memory.last_offset(topic).unwrap()
+        );
+        prop_assert_eq!(disk.sizes(topic).unwrap(), memory.sizes(topic).unwrap());
+        prop_assert_eq!(disk.offsets(topic).unwrap(), memory.offsets(topic).unwrap());
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -685,19 +712,7 @@ proptest! {
             disk.apply(&ops).unwrap();
             memory.apply(&ops).unwrap();
         }
-        for topic in 0..3 {
-            prop_assert_eq!(
-                disk.read(topic, 0, usize::MAX, usize::MAX).unwrap(),
-                memory.read(topic, 0, usize::MAX, usize::MAX).unwrap()
-            );
-            prop_assert_eq!(
-                disk.read(topic, from, max_count, max_bytes).unwrap(),
-                memory.read(topic, from, max_count, max_bytes).unwrap()
-            );
-            prop_assert_eq!(disk.last_offset(topic).unwrap(), memory.last_offset(topic).unwrap());
-            prop_assert_eq!(disk.sizes(topic).unwrap(), memory.sizes(topic).unwrap());
-            prop_assert_eq!(disk.offsets(topic).unwrap(), memory.offsets(topic).unwrap());
-        }
+        agree(&disk, &memory, from, max_count, max_bytes)?;
         // Opened again, the disk backend knows where each topic ends only from what it
         // stored: an append must replace exactly what it overlaps there too.
         drop(disk);
@@ -705,12 +720,6 @@ proptest! {
         let ops: Vec<Op> = (0..3).map(|topic| to_op(&Step::Append { topic, first: from, lens: vec![1, 2] }, seq + 1)).collect();
         disk.apply(&ops).unwrap();
         memory.apply(&ops).unwrap();
-        for topic in 0..3 {
-            prop_assert_eq!(
-                disk.read(topic, 0, usize::MAX, usize::MAX).unwrap(),
-                memory.read(topic, 0, usize::MAX, usize::MAX).unwrap()
-            );
-            prop_assert_eq!(disk.last_offset(topic).unwrap(), memory.last_offset(topic).unwrap());
-        }
+        agree(&disk, &memory, from, max_count, max_bytes)?;
     }
 }
