@@ -197,13 +197,7 @@ impl FjallBackend {
             .into_inner()
             .map_err(|e| self.fail(&format!("reading topic {topic_id}"), e))?;
         let first = message_offset(topic_id, &key)?;
-        let count = record_count(&value).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "the record of messages from {first} of topic {topic_id} is {} bytes, shorter than its header",
-                value.len()
-            ))
-        })?;
-        Ok(Some((first, count)))
+        Ok(Some((first, record_count(topic_id, first, &value)?)))
     }
 
     /// Decodes one stored record of `topic_id`.
@@ -264,7 +258,8 @@ fn message_offset(topic_id: u64, key: &[u8]) -> Result<u64> {
     }
 }
 
-/// Splits a stored message value into its timestamp and payload.
+/// The timestamp of a message value of the old one-key-per-message layout (timestamp ‖
+/// payload), which only the move to records at open still reads.
 fn split_value(topic_id: u64, offset: u64, value: &[u8]) -> Result<u64> {
     be_u64(value).ok_or_else(|| {
         StoreError::Corrupt(format!(

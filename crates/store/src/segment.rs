@@ -104,14 +104,8 @@ impl Segment {
     /// Decodes a record of `topic_id` stored under offset `first`; the payloads are views
     /// into `value`, not copies.
     pub(crate) fn decode(topic_id: u64, first: u64, value: Bytes) -> Result<Segment> {
-        let corrupt = |why: String| {
-            StoreError::Corrupt(format!(
-                "the record of messages from {first} of topic {topic_id} {why}"
-            ))
-        };
-        let n = record_count(&value)
-            .ok_or_else(|| corrupt(format!("is {} bytes, shorter than its header", value.len())))?
-            as usize;
+        let corrupt = |why: String| corrupt_record(topic_id, first, why);
+        let n = record_count(topic_id, first, &value)? as usize;
         let stamps = match value[0] {
             ONE_TIMESTAMP => 1,
             TIMESTAMP_EACH => n,
@@ -158,9 +152,23 @@ impl Segment {
     }
 }
 
-/// The message count of an encoded segment, read without decoding the rest.
-pub(crate) fn record_count(value: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(value.get(1..5)?.try_into().ok()?))
+/// The message count of the record of `topic_id` stored under offset `first`, read
+/// without decoding the rest.
+pub(crate) fn record_count(topic_id: u64, first: u64, value: &[u8]) -> Result<u32> {
+    match value.get(1..5) {
+        Some(count) => Ok(u32::from_be_bytes(count.try_into().expect("four bytes"))),
+        None => Err(corrupt_record(
+            topic_id,
+            first,
+            format!("is {} bytes, shorter than its header", value.len()),
+        )),
+    }
+}
+
+fn corrupt_record(topic_id: u64, first: u64, why: String) -> StoreError {
+    StoreError::Corrupt(format!(
+        "the record of messages from {first} of topic {topic_id} {why}"
+    ))
 }
 
 impl Log {
