@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use peerbus_client::Client;
+use peerbus_client::{Client, tree};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Options;
@@ -644,18 +644,20 @@ struct LocalWork {
     write: Duration,
 }
 
-/// Times reading `source` in 1 MiB pieces, hashing it with BLAKE3 and writing it to a new
+/// Times reading `source` in download-sized pieces, hashing it with BLAKE3 and writing it to a new
 /// file in `dir`, each on this thread alone, with one reused buffer.
 fn local_work(source: &Path, dir: &Path, size: u64) -> anyhow::Result<LocalWork> {
     use std::os::unix::fs::FileExt;
     let file =
         std::fs::File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let pieces = size.div_ceil(buf.len() as u64);
-    let piece = |i: u64| (size - i * (1 << 20)).min(1 << 20) as usize;
+    let len = tree::PIECE_LEN;
+    let mut buf = vec![0u8; len as usize];
+    let pieces = tree::piece_count(size, len);
+    let piece = |i: u64| tree::piece_size(size, len, i);
+    let at = |i: u64| i * u64::from(len);
     let start = Instant::now();
     for i in 0..pieces {
-        file.read_exact_at(&mut buf[..piece(i)], i << 20)?;
+        file.read_exact_at(&mut buf[..piece(i)], at(i))?;
     }
     let read = start.elapsed();
     let start = Instant::now();
@@ -671,7 +673,7 @@ fn local_work(source: &Path, dir: &Path, size: u64) -> anyhow::Result<LocalWork>
     out.set_len(size)?;
     let start = Instant::now();
     for i in 0..pieces {
-        out.write_all_at(&buf[..piece(i)], i << 20)?;
+        out.write_all_at(&buf[..piece(i)], at(i))?;
     }
     let write = start.elapsed();
     drop(out);
