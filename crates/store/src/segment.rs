@@ -54,17 +54,21 @@ impl Segment {
         }
     }
 
-    /// The segment's messages from offset `from` on.
+    /// The segment's messages from offset `from` on. Starts at `from` rather than skipping
+    /// up to it, since a read may begin deep inside a batch of many thousand messages.
     pub(crate) fn messages_from(&self, from: u64) -> impl Iterator<Item = Message> + '_ {
-        self.batch
-            .iter()
-            .enumerate()
-            .map(|(i, payload)| Message {
+        let lo = (from.max(self.first) - self.first).min(self.batch.len() as u64) as usize;
+        let mut at: usize = self.batch.lens[..lo].iter().map(|&l| l as usize).sum();
+        (lo..self.batch.len()).map(move |i| {
+            let len = self.batch.lens[i] as usize;
+            let payload = self.batch.data.slice(at..at + len);
+            at += len;
+            Message {
                 offset: self.first + i as u64,
                 timestamp_ms: self.timestamps[i],
                 payload,
-            })
-            .filter(move |m| m.offset >= from)
+            }
+        })
     }
 
     /// `(offset, timestamp_ms, payload_len)` of each message.
