@@ -29,6 +29,27 @@ async fn next_messages(
     got
 }
 
+/// A task that publishes every payload to `topic` without waiting between them, then
+/// yields their acknowledged offsets in publish order.
+fn spawn_publisher(
+    client: Client,
+    topic: &'static str,
+    payloads: impl Iterator<Item = Vec<u8>>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    let payloads: Vec<Vec<u8>> = payloads.collect();
+    tokio::spawn(async move {
+        let acks: Vec<_> = payloads
+            .into_iter()
+            .map(|p| client.publish_nowait(topic, p))
+            .collect();
+        let mut offsets = Vec::with_capacity(acks.len());
+        for a in acks {
+            offsets.push(a.await.unwrap());
+        }
+        offsets
+    })
+}
+
 async fn pull_all(c: &Client, topic: &str, sub: &str) -> Vec<String> {
     let mut got = Vec::new();
     loop {
@@ -233,17 +254,8 @@ async fn eight_publishers_eight_subscribers_exactly_once_in_order() {
     }
     let mut pubs = Vec::new();
     for p in 0..PUBS {
-        let client = cluster.client();
-        pubs.push(tokio::spawn(async move {
-            let acks: Vec<_> = (0..EACH)
-                .map(|i| client.publish_nowait("load", format!("p{p}-{i}")))
-                .collect();
-            let mut offsets = Vec::new();
-            for a in acks {
-                offsets.push(a.await.unwrap());
-            }
-            offsets
-        }));
+        let payloads = (0..EACH).map(|i| format!("p{p}-{i}").into_bytes());
+        pubs.push(spawn_publisher(cluster.client(), "load", payloads));
     }
     let mut all_offsets = Vec::new();
     for p in pubs {
@@ -435,17 +447,8 @@ async fn memory_mode_live_and_stalled_followers_get_everything_once_in_order() {
     let fast_reader = tokio::spawn(async move { next_messages(&mut fast, total).await });
     let mut pubs = Vec::new();
     for p in 0..PUBS {
-        let client = cluster.client();
-        pubs.push(tokio::spawn(async move {
-            let acks: Vec<_> = (0..EACH)
-                .map(|i| client.publish_nowait("live", payload(p, i)))
-                .collect();
-            let mut offsets = Vec::new();
-            for a in acks {
-                offsets.push(a.await.unwrap());
-            }
-            offsets
-        }));
+        let payloads = (0..EACH).map(|i| payload(p, i));
+        pubs.push(spawn_publisher(cluster.client(), "live", payloads));
     }
     // offset → (publisher, index) as acknowledged.
     let mut acked = HashMap::new();
