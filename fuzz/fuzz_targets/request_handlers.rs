@@ -488,13 +488,6 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
         },
         24 => Request::Fetch {
             key: file_key(u, h)?,
-            // Only places inside the harness's temporary directory.
-            output: match u.int_in_range(0..=4)? {
-                0 | 1 => None,
-                2 => Some(h.tmp.join("out/copy.bin").display().to_string()),
-                3 => Some(h.tmp.join("out/missing/copy.bin").display().to_string()),
-                _ => Some(h.tmp.join("out").display().to_string()),
-            },
         },
         25 => Request::RegisterParticipant {
             name: subscriber(u)?,

@@ -133,7 +133,6 @@ pub(crate) async fn run(
                 let service = task_service;
                 let req = Request::Fetch {
                     key: ask.hash.clone(),
-                    output: None,
                 };
                 let result = tokio::select! {
                     r = service.client().request_at(&ask.target.addr, req, false) => r,

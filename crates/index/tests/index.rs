@@ -526,10 +526,7 @@ async fn files_are_registered_searched_looked_up_and_withdrawn() -> Result<()> {
             "ask a peer holding the file: look it up first",
         ),
         (
-            Request::Fetch {
-                key: hash('1'),
-                output: None,
-            },
+            Request::Fetch { key: hash('1') },
             "send fetch to the peer that should download",
         ),
     ] {
@@ -596,8 +593,7 @@ impl FilePeer {
 impl Service for FilePeer {
     async fn handle(self: &Arc<Self>, conn: &Arc<ConnCtx>, id: u32, _forward: bool, req: Request) {
         let result = match req {
-            Request::Fetch { key, output } => {
-                assert!(output.is_none(), "the index asks for the share only");
+            Request::Fetch { key } => {
                 self.fetches.lock().unwrap().push(key.clone());
                 self.fetch(&key).await.map_err(|e| match e {
                     ClientError::Server(e) => e,

@@ -5,6 +5,7 @@
 //! storage writer (group commit); the acknowledgement goes out once the batch is durable for
 //! the configured [`Durability`], and only then do readers see it.
 
+mod fetch;
 mod lease;
 mod node;
 pub mod retention;
@@ -81,6 +82,9 @@ pub struct PeerConfig {
     /// Directory whose files this peer offers for download (`--share`); downloads asked of
     /// this peer land here too. `None` shares nothing.
     pub share: Option<PathBuf>,
+    /// Most bytes the copies this peer fetches into its share may take together
+    /// (`--fetch-quota`); a fetch past it is refused.
+    pub fetch_quota: u64,
     /// How often the share directory is walked again for added, changed and removed files.
     pub rescan: Duration,
     /// Called while [`Peer::start`] hashes the share, e.g. to draw a progress bar.
@@ -109,6 +113,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("trace_messages", &self.trace_messages)
             .field("share", &self.share)
+            .field("fetch_quota", &self.fetch_quota)
             .field("rescan", &self.rescan)
             .field(
                 "hash_progress",
@@ -124,6 +129,11 @@ impl std::fmt::Debug for PeerConfig {
 /// Default interval between share rescans.
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(5);
 
+/// Default bound on the bytes of fetched copies in a share: 16 GiB.
+pub const DEFAULT_FETCH_QUOTA: u64 = 16 << 30;
+
+pub use fetch::{MAX_FETCHES, MIN_FREE_DISK};
+
 impl PeerConfig {
     /// A peer listening on `listen` that registers with the index at `index`, in memory.
     pub fn new(listen: impl Into<String>, index: impl Into<String>) -> Self {
@@ -138,6 +148,7 @@ impl PeerConfig {
             token: None,
             trace_messages: false,
             share: None,
+            fetch_quota: DEFAULT_FETCH_QUOTA,
             rescan: DEFAULT_RESCAN,
             hash_progress: None,
             max_connections: peerbus_net::DEFAULT_MAX_CONNECTIONS,

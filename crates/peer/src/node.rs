@@ -1,7 +1,6 @@
 //! The peer's state and its request handlers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,15 +9,16 @@ use bytes::Bytes;
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
 use peerbus_proto::{
-    Batch, ErrorCode, FetchReport, FileHit, FileHolder, MessageSet, PeerAuth, Request, Response,
-    Retention, ServerFrame, Subscribe, SubscriberInfo, TopicLocation, TopicStats, WireError,
+    Batch, ErrorCode, FileHit, FileHolder, MessageSet, PeerAuth, Request, Response, Retention,
+    ServerFrame, Subscribe, SubscriberInfo, TopicLocation, TopicStats, WireError,
 };
 use peerbus_store::{Backend, Op, Table, TopicMeta, Writer};
 use tokio_util::sync::CancellationToken;
 
+use crate::fetch::FetchLimits;
 use crate::lease::LeaseCell;
 use crate::retention::Retained;
-use crate::share::{Changes, PARTIAL_DIR, PieceError, Share, SharedFile};
+use crate::share::{Changes, PieceError, Share, SharedFile};
 use crate::topic::{
     Handback, Live, Produced, TailBudget, Topic, TopicState, parse_producer_key, producer_key,
 };
@@ -37,11 +37,11 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn internal(e: impl std::fmt::Display) -> WireError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::Internal, format!("storage failure: {e}"))
 }
 
-fn relay(e: ClientError) -> WireError {
+pub(crate) fn relay(e: ClientError) -> WireError {
     match e {
         ClientError::Server(w) => w,
         other => WireError::new(ErrorCode::Unavailable, other.to_string()),
@@ -67,7 +67,9 @@ pub(crate) struct Node {
     /// The files this peer offers, when it runs with `--share`.
     pub share: Option<Arc<Share>>,
     /// Makes the temporary names of concurrent downloads of one file distinct.
-    next_download: AtomicU64,
+    pub next_download: AtomicU64,
+    /// What bounds fetches into the share.
+    pub fetch_limits: FetchLimits,
     /// Following subscriptions by (connection, subscription id), to stop them on request.
     follows: Mutex<HashMap<(u64, u64), CancellationToken>>,
     next_topic_id: Mutex<u64>,
@@ -155,6 +157,7 @@ impl Node {
             client,
             share,
             next_download: AtomicU64::new(0),
+            fetch_limits: FetchLimits::new(),
             follows: Mutex::new(HashMap::new()),
             next_topic_id: Mutex::new(max_id + 1),
             tails,
@@ -384,163 +387,6 @@ impl Node {
                 Err(e) => tracing::warn!("cannot send {kind} to the index: {e}"),
             }
         }
-    }
-
-    /// Serves [`Request::Fetch`]: downloads a file into the share and offers it.
-    async fn fetch(&self, key: String, output: Option<String>) -> Result<Response, WireError> {
-        let Some(share) = self.share.clone() else {
-            return Err(self.no_share());
-        };
-        if let Some(f) = share.find(&key) {
-            return self.fetched(&share, f, Vec::new(), output).await;
-        }
-        let hit = self.client.lookup_file(&key).await.map_err(relay)?;
-        if let Some(f) = share.get(&hit.hash) {
-            return self.fetched(&share, f, Vec::new(), output).await;
-        }
-        let rel = share_path(&hit.name).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "file name '{}' cannot be used as a path inside peer {}'s share",
-                    hit.name, self.name
-                ),
-            )
-        })?;
-        let dest = share.root().join(rel);
-        if tokio::fs::symlink_metadata(&dest).await.is_ok() {
-            return Err(self.name_taken(&hit.name));
-        }
-        // Downloaded under the hidden partial directory, which scans skip, and moved into
-        // place whole, so a rescan never offers a half-written file.
-        let n = self.next_download.fetch_add(1, Ordering::Relaxed);
-        let partial =
-            share
-                .root()
-                .join(PARTIAL_DIR)
-                .join(format!("{}-{}-{n}", hit.hash, std::process::id()));
-        tracing::info!(
-            "downloading '{}' ({} bytes) into {}",
-            hit.name,
-            hit.size,
-            dest.display()
-        );
-        let report = self
-            .client
-            .download(&hit.hash, &partial, None)
-            .await
-            .map_err(|e| {
-                let w = relay(e);
-                WireError::new(
-                    w.code,
-                    format!("peer {} could not download '{}': {w}", self.name, hit.name),
-                )
-            })?;
-        let (root, from, to) = (share.root().to_path_buf(), partial.clone(), dest.clone());
-        let placed = tokio::task::spawn_blocking(move || place(&root, &from, &to))
-            .await
-            .map_err(internal)?;
-        if let Err(e) = placed {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(match e {
-                Place::Taken => self.name_taken(&hit.name),
-                Place::Outside => WireError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "'{}' would land outside peer {}'s share through a symlinked directory",
-                        hit.name, self.name
-                    ),
-                ),
-                Place::Io(e) => WireError::new(
-                    ErrorCode::Internal,
-                    format!("peer {} cannot store {}: {e}", self.name, dest.display()),
-                ),
-            });
-        }
-        tracing::info!(
-            "downloaded '{}' from {}",
-            hit.name,
-            report.sources.join(", ")
-        );
-        // The rescan hashes the new file from disk and registers it at the index.
-        self.rescan_share().await;
-        let f = share.get(&report.hash).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::Internal,
-                format!(
-                    "peer {} downloaded {} but did not find it in its share afterwards",
-                    self.name,
-                    dest.display()
-                ),
-            )
-        })?;
-        self.fetched(&share, f, report.sources, output).await
-    }
-
-    /// The answer to a fetch of `f`, after copying it to `output` if asked.
-    async fn fetched(
-        &self,
-        share: &Share,
-        f: Arc<SharedFile>,
-        sources: Vec<String>,
-        output: Option<String>,
-    ) -> Result<Response, WireError> {
-        let path = match output {
-            Some(out) => {
-                let (root, from, to) = (
-                    share.root().to_path_buf(),
-                    f.path.clone(),
-                    PathBuf::from(&out),
-                );
-                let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    // Same rule as serving: never copy something that now resolves outside.
-                    let resolved = std::fs::canonicalize(&from)?;
-                    if !resolved.starts_with(&root) {
-                        return Err(std::io::Error::other(
-                            "the shared file now resolves outside the share directory",
-                        ));
-                    }
-                    std::fs::copy(&resolved, &to).map(|_| ())
-                })
-                .await
-                .map_err(internal)?;
-                copied.map_err(|e| {
-                    WireError::new(
-                        ErrorCode::BadRequest,
-                        format!("peer {} cannot write {out}: {e}", self.name),
-                    )
-                })?;
-                out
-            }
-            None => f.path.display().to_string(),
-        };
-        Ok(Response::Fetched(FetchReport {
-            name: f.entry.name.clone(),
-            hash: f.entry.hash.clone(),
-            size: f.entry.size,
-            sources,
-            path,
-        }))
-    }
-
-    fn no_share(&self) -> WireError {
-        WireError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "peer {} has no share directory (--share) to download into",
-                self.name
-            ),
-        )
-    }
-
-    fn name_taken(&self, name: &str) -> WireError {
-        WireError::new(
-            ErrorCode::Exists,
-            format!(
-                "peer {} already has a different file named '{name}' in its share",
-                self.name
-            ),
-        )
     }
 
     async fn create_topic(
@@ -1330,15 +1176,23 @@ impl Service for PeerService {
                     }
                 }
             }
-            Request::Fetch { key, output } => {
-                if node.share.is_none() {
-                    conn.reply(id, Err(node.no_share())).await;
-                } else {
-                    let (node, conn) = (node.clone(), conn.clone());
-                    tokio::spawn(async move {
-                        let r = node.fetch(key, output).await;
-                        conn.reply(id, r).await;
-                    });
+            Request::Fetch { key } => {
+                let slot = match node.share {
+                    None => Err(node.no_share()),
+                    Some(_) => node.fetch_slot(),
+                };
+                match slot {
+                    Err(e) => {
+                        conn.reply(id, Err(e)).await;
+                    }
+                    Ok(slot) => {
+                        let (node, conn) = (node.clone(), conn.clone());
+                        tokio::spawn(async move {
+                            let r = node.fetch(key).await;
+                            drop(slot);
+                            conn.reply(id, r).await;
+                        });
+                    }
                 }
             }
             req @ (Request::ListPeers
@@ -1364,71 +1218,6 @@ impl Service for PeerService {
             }
         }
     }
-}
-
-/// `name` (a file name as the index gives it, `/`-separated) as a path relative to the
-/// share root, or `None` when it could climb out of the share or into the partial directory.
-fn share_path(name: &str) -> Option<PathBuf> {
-    let mut p = PathBuf::new();
-    for (i, c) in name.split('/').enumerate() {
-        let bad = c.is_empty()
-            || c == "."
-            || c == ".."
-            || c.contains(['\\', '\0'])
-            || (i == 0 && c == PARTIAL_DIR);
-        if bad {
-            return None;
-        }
-        p.push(c);
-    }
-    Some(p)
-}
-
-/// Why a finished download could not be moved into place.
-enum Place {
-    /// Something appeared at the destination meanwhile.
-    Taken,
-    /// A directory on the way is a symlink out of the share.
-    Outside,
-    Io(std::io::Error),
-}
-
-impl From<std::io::Error> for Place {
-    fn from(e: std::io::Error) -> Self {
-        Place::Io(e)
-    }
-}
-
-/// Moves a verified download from the partial directory to `dest`, creating directories,
-/// but never through a symlink that leads out of `root`.
-fn place(root: &Path, partial: &Path, dest: &Path) -> Result<(), Place> {
-    let parent = dest.parent().unwrap_or(root);
-    // Check the deepest existing ancestor before creating anything below it, so no
-    // directory is created outside the share either.
-    let mut existing = parent;
-    while std::fs::symlink_metadata(existing).is_err() {
-        existing = existing.parent().unwrap_or(root);
-    }
-    if !std::fs::canonicalize(existing)?.starts_with(root) {
-        return Err(Place::Outside);
-    }
-    std::fs::create_dir_all(parent)?;
-    if !std::fs::canonicalize(parent)?.starts_with(root) {
-        return Err(Place::Outside);
-    }
-    if std::fs::symlink_metadata(dest).is_ok() {
-        return Err(Place::Taken);
-    }
-    if std::fs::rename(partial, dest).is_err() {
-        // A subdirectory may be another file system; copying works across them.
-        std::fs::copy(partial, dest)?;
-        std::fs::remove_file(partial)?;
-    }
-    if let Some(dir) = partial.parent() {
-        // Only succeeds once the partial directory is empty, which keeps the share tidy.
-        let _ = std::fs::remove_dir(dir);
-    }
-    Ok(())
 }
 
 /// Appends a batch (plain or from an idempotent producer) and answers once it is durable,

@@ -28,11 +28,47 @@ use crate::HashProgress;
 /// into place. Scans skip it, so a half-written file is never offered.
 pub const PARTIAL_DIR: &str = ".peerbus-partial";
 
+/// Directory inside the share root where copies this peer fetched from others live, each
+/// named by its content hash (`.peerbus-fetched/<hash>`), with the name it is offered under
+/// in `<hash>.name` beside it. The peer alone picks these paths: a name another peer
+/// registered never becomes a path here (no dotfiles, no nested directories, no
+/// `authorized_keys`), it is only what searches show.
+pub const FETCHED_DIR: &str = ".peerbus-fetched";
+
+/// Suffix of the file holding a fetched copy's offered name.
+const NAME_SUFFIX: &str = ".name";
+
+/// Longest offered name read back from a `<hash>.name` file.
+const MAX_OFFERED_NAME: usize = 4096;
+
+/// Where a fetched copy of the file with `hash` (lowercase hex) lives, relative to the root.
+pub fn fetched_path(hash: &str) -> PathBuf {
+    Path::new(FETCHED_DIR).join(hash)
+}
+
+/// Where the offered name of a fetched copy is kept, relative to the root.
+pub fn fetched_name_path(hash: &str) -> PathBuf {
+    Path::new(FETCHED_DIR).join(format!("{hash}{NAME_SUFFIX}"))
+}
+
+/// True when `name` may be offered as a fetched copy's name: what the index accepts, on
+/// one line, without control characters.
+pub fn valid_offered_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_OFFERED_NAME && !name.chars().any(char::is_control)
+}
+
+fn is_lower_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A file this peer offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedFile {
-    /// What the index is told: name relative to the share root, hash, size.
+    /// What the index is told: name (relative to the share root, or the recorded name of a
+    /// fetched copy), hash, size.
     pub entry: FileEntry,
+    /// Where it is, relative to the share root: what rescans compare by.
+    pub rel: String,
     /// Where the content is: absolute and canonical (symlinks resolved) at scan time.
     pub path: PathBuf,
     /// The BLAKE3 piece tree, sent to downloaders.
@@ -100,7 +136,10 @@ struct State {
 /// A file the walk found, before hashing.
 #[derive(Debug)]
 struct Found {
+    /// Relative to the root.
     name: String,
+    /// The name offered for it: `name`, except for fetched copies.
+    offered: String,
     path: PathBuf,
     len: u64,
     mtime: Option<SystemTime>,
@@ -186,16 +225,27 @@ impl Share {
             .cloned()
     }
 
-    /// The file with this hash or exactly this name.
+    /// The file with this hash or exactly this name (its path in the share, or the name a
+    /// fetched copy is offered under).
     pub fn find(&self, key: &str) -> Option<Arc<SharedFile>> {
         self.get(key).or_else(|| {
-            self.state
-                .read()
-                .expect("share lock")
-                .by_name
+            let st = self.state.read().expect("share lock");
+            st.by_name
                 .get(key)
                 .cloned()
+                .or_else(|| st.by_hash.values().find(|f| f.entry.name == key).cloned())
         })
+    }
+
+    /// Bytes of the fetched copies this share holds (what the fetch quota counts).
+    pub fn fetched_bytes(&self) -> u64 {
+        let st = self.state.read().expect("share lock");
+        let prefix = format!("{FETCHED_DIR}/");
+        st.by_name
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, f)| f.len)
+            .sum()
     }
 
     /// Reads piece `index` of `file` with a positioned read on the blocking pool, after
@@ -235,11 +285,7 @@ impl Share {
             }
         }
         let hashed = self.hash_all(to_hash, initial).await;
-        kept.extend(
-            hashed
-                .into_iter()
-                .map(|s| (s.entry.name.clone(), Arc::new(s))),
-        );
+        kept.extend(hashed.into_iter().map(|s| (s.rel.clone(), Arc::new(s))));
 
         let mut by_hash: HashMap<String, Arc<SharedFile>> = HashMap::new();
         // Files reached directly first, each group in name order, so the same name of equal
@@ -363,10 +409,11 @@ fn hash_file(f: &Found, on_read: &dyn Fn(u64)) -> std::io::Result<SharedFile> {
     )?;
     Ok(SharedFile {
         entry: FileEntry {
-            name: f.name.clone(),
+            name: f.offered.clone(),
             hash: manifest.hash.clone(),
             size: manifest.size,
         },
+        rel: f.name.clone(),
         path: f.path.clone(),
         manifest,
         // The size and time from before hashing: if the file was written meanwhile, the
@@ -433,6 +480,10 @@ fn walk(root: &Path, warned: &Mutex<HashSet<String>>) -> std::io::Result<Vec<Fou
             if rel.is_empty() && name == PARTIAL_DIR {
                 continue;
             }
+            if rel.is_empty() && name == FETCHED_DIR {
+                out.extend(walk_fetched(&dir.join(name), warned));
+                continue;
+            }
             let rel_name = if rel.is_empty() {
                 name.to_string()
             } else {
@@ -488,6 +539,7 @@ fn walk(root: &Path, warned: &Mutex<HashSet<String>>) -> std::io::Result<Vec<Fou
                 }
             } else if meta.is_file() {
                 out.push(Found {
+                    offered: rel_name.clone(),
                     name: rel_name,
                     path: canonical,
                     len: meta.len(),
@@ -501,6 +553,65 @@ fn walk(root: &Path, warned: &Mutex<HashSet<String>>) -> std::io::Result<Vec<Fou
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The fetched copies in `dir` (the share's [`FETCHED_DIR`]): regular files named by their
+/// lowercase hash, offered under the name recorded beside them. Nothing in it is followed
+/// through a symlink, and anything else in it is ignored, since only this peer writes there.
+fn walk_fetched(dir: &Path, warned: &Mutex<HashSet<String>>) -> Vec<Found> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(_) => return Vec::new(),
+    };
+    if !meta.is_dir() {
+        warn_once(
+            warned,
+            FETCHED_DIR,
+            format!("not sharing {}: it is not a plain directory", dir.display()),
+        );
+        return Vec::new();
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            warn_once(
+                warned,
+                FETCHED_DIR,
+                format!("skipping {}: {e}", dir.display()),
+            );
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(hash) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !is_lower_hash(&hash) {
+            continue;
+        }
+        let path = dir.join(&hash);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let offered = std::fs::read_to_string(dir.join(format!("{hash}{NAME_SUFFIX}")))
+            .ok()
+            .map(|n| n.trim_end_matches('\n').to_string())
+            .filter(|n| valid_offered_name(n))
+            .unwrap_or_else(|| hash.clone());
+        out.push(Found {
+            name: format!("{FETCHED_DIR}/{hash}"),
+            offered,
+            path,
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+            linked: false,
+        });
+    }
+    out
 }
 
 fn read_piece_blocking(root: &Path, f: &SharedFile, index: u32) -> Result<Bytes, PieceError> {

@@ -34,11 +34,21 @@ impl Net {
     }
 
     async fn peer(&mut self, name: &str, share: Option<&Path>) -> Result<usize> {
+        self.peer_with(name, share, |_| {}).await
+    }
+
+    async fn peer_with(
+        &mut self,
+        name: &str,
+        share: Option<&Path>,
+        tune: impl FnOnce(&mut PeerConfig),
+    ) -> Result<usize> {
         let mut config = PeerConfig::new("127.0.0.1:0", self.index.addr().to_string());
         config.name = Some(name.into());
         config.share = share.map(Path::to_path_buf);
         // Rescans are driven by the tests; the periodic one must not race them.
         config.rescan = Duration::from_secs(3600);
+        tune(&mut config);
         let peer = Peer::start(config, self.stop.clone()).await?;
         if !peer.registered(READY).await {
             bail!("peer {name} did not register within {READY:?}");
@@ -314,19 +324,17 @@ async fn a_file_swapped_for_a_symlink_out_of_the_share_is_not_served() -> Result
     Ok(())
 }
 
-async fn fetch(
-    conn: &Connection,
-    key: &str,
-    output: Option<&Path>,
-) -> Result<peerbus_proto::FetchReport, ClientError> {
-    let req = Request::Fetch {
-        key: key.into(),
-        output: output.map(|p| p.display().to_string()),
-    };
+async fn fetch(conn: &Connection, key: &str) -> Result<peerbus_proto::FetchReport, ClientError> {
+    let req = Request::Fetch { key: key.into() };
     match conn.request(req, false).await? {
         Response::Fetched(r) => Ok(r),
         other => panic!("expected Fetched, got {other:?}"),
     }
+}
+
+/// Where a fetched copy of `hash` lands in `share`.
+fn fetched_copy(share: &Path, hash: &str) -> PathBuf {
+    share.join(peerbus_peer::share::fetched_path(hash))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -342,7 +350,7 @@ async fn a_peer_fetches_a_file_into_its_share_and_offers_it() -> Result<()> {
     let b = net.peer("fetcher", Some(&share_b)).await?;
     let plain = net.peer("plain", None).await?;
 
-    let e = fetch(&net.conn(plain).await?, "sets/data.bin", None)
+    let e = fetch(&net.conn(plain).await?, "sets/data.bin")
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
@@ -352,39 +360,32 @@ async fn a_peer_fetches_a_file_into_its_share_and_offers_it() -> Result<()> {
         "{e}"
     );
 
-    // Already held: answered at once, nothing downloaded, but still copied to `output`.
-    let out_a = dir.path().join("copy-a.bin");
-    let r = fetch(&net.conn(a).await?, "sets/data.bin", Some(&out_a)).await?;
+    // Already held: answered at once, nothing downloaded.
+    let r = fetch(&net.conn(a).await?, "sets/data.bin").await?;
     assert_eq!(
         (r.name.as_str(), r.hash.as_str()),
         ("sets/data.bin", h.as_str())
     );
     assert!(r.sources.is_empty());
-    assert_eq!(PathBuf::from(&r.path), out_a);
-    assert!(std::fs::read(&out_a)? == data);
+    assert_eq!(
+        PathBuf::from(&r.path),
+        std::fs::canonicalize(share_a.join("sets/data.bin"))?
+    );
 
-    let out_b = dir.path().join("copy-b.bin");
     let conn_b = net.conn(b).await?;
-    let r = match fetch(&conn_b, "sets/data.bin", Some(&out_b)).await {
-        Ok(r) => r,
-        Err(e) if e.code() == Some(ErrorCode::Unsupported) => {
-            eprintln!(
-                "the index does not look files up yet ({e}); fetch between peers not checked"
-            );
-            net.stop().await;
-            return Ok(());
-        }
-        Err(e) => return Err(e).context("fetch from holder"),
-    };
+    let r = fetch(&conn_b, "sets/data.bin")
+        .await
+        .context("fetch from holder")?;
     assert_eq!(r.sources, ["holder"]);
     assert_eq!((r.hash.as_str(), r.size), (h.as_str(), data.len() as u64));
-    assert!(std::fs::read(&out_b)? == data);
-    assert!(std::fs::read(share_b.join("sets/data.bin"))? == data);
+    // The copy lands where the fetcher chose, named by its hash, not by the holder's name.
+    assert!(std::fs::read(fetched_copy(&share_b, &h))? == data);
+    assert!(!share_b.join("sets").exists());
     assert!(
         !share_b.join(".peerbus-partial").exists(),
         "the partial directory is cleaned up"
     );
-    // The fetcher now offers it itself.
+    // The fetcher now offers it itself, under the name it was registered with.
     let hits = search(&conn_b, "data").await?;
     assert_eq!(hits.len(), 1);
     assert_eq!(
@@ -398,8 +399,138 @@ async fn a_peer_fetches_a_file_into_its_share_and_offers_it() -> Result<()> {
             .any(|hit| hit.hash == h && hit.peers.iter().any(|p| p.name == "fetcher"))
     })
     .await?;
-    // A second fetch has nothing to do.
-    assert!(fetch(&conn_b, &h, None).await?.sources.is_empty());
+    // A second fetch has nothing to do, by hash or by name.
+    assert!(fetch(&conn_b, &h).await?.sources.is_empty());
+    assert!(fetch(&conn_b, "sets/data.bin").await?.sources.is_empty());
+    net.stop().await;
+    Ok(())
+}
+
+/// A holder registers a file under a name that would be dangerous as a path (a dotfile in a
+/// nested directory); the fetcher keeps its copy under the hash and creates nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_name_chosen_by_another_peer_never_becomes_a_path() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (share_a, share_b) = (dir.path().join("a"), dir.path().join("b"));
+    let key = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEKEY attacker\n";
+    let h = hash(key);
+    write(&share_a.join(".ssh/authorized_keys"), key)?;
+    std::fs::create_dir_all(&share_b)?;
+    let mut net = Net::start().await?;
+    net.peer("rogue", Some(&share_a)).await?;
+    let b = net.peer("victim", Some(&share_b)).await?;
+    let conn_b = net.conn(b).await?;
+    let r = fetch(&conn_b, ".ssh/authorized_keys").await?;
+    assert_eq!(r.sources, ["rogue"]);
+    assert!(!share_b.join(".ssh").exists(), "no path named by the rogue");
+    assert_eq!(std::fs::read(fetched_copy(&share_b, &h))?, key);
+    let listed: Vec<_> = std::fs::read_dir(&share_b)?
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listed, [peerbus_peer::share::FETCHED_DIR]);
+    net.stop().await;
+    Ok(())
+}
+
+/// The old wire shape of `Fetch` carried an output path on the peer's machine. A client that
+/// still sends one (an old client or an attacker) gets the file into the share and nothing
+/// written at the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_that_names_a_path_on_the_peer_writes_nothing_there() -> Result<()> {
+    use futures::StreamExt;
+    use peerbus_proto::{ClientFrame, FrameCodec, PROTOCOL, ServerFrame, decode_server};
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir()?;
+    let (share_a, share_b) = (dir.path().join("a"), dir.path().join("b"));
+    let data = noise(1000, 9);
+    let h = hash(&data);
+    write(&share_a.join("k.txt"), &data)?;
+    std::fs::create_dir_all(&share_b)?;
+    let victim = dir.path().join("victim/authorized_keys");
+    write(&victim, b"the owner's keys")?;
+    let mut net = Net::start().await?;
+    net.peer("rogue", Some(&share_a)).await?;
+    let b = net.peer("victim", Some(&share_b)).await?;
+
+    let frame = |f: &ClientFrame, tail: &[u8]| {
+        let mut body = postcard::to_allocvec(f).unwrap();
+        body.extend_from_slice(tail);
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    };
+    // `Some(path)` as the old trailing `output: Option<String>` field.
+    let path = victim.display().to_string();
+    let mut tail = vec![1, path.len() as u8];
+    tail.extend_from_slice(path.as_bytes());
+    let stream = tokio::net::TcpStream::connect(net.peers[b].addr()).await?;
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio_util::codec::FramedRead::new(r, FrameCodec::default());
+    w.write_all(&frame(
+        &ClientFrame::Hello {
+            protocol: PROTOCOL.into(),
+            token: None,
+        },
+        &[],
+    ))
+    .await?;
+    w.write_all(&frame(
+        &ClientFrame::Request {
+            id: 7,
+            forward: true,
+            body: Request::Fetch {
+                key: "k.txt".into(),
+            },
+        },
+        &tail,
+    ))
+    .await?;
+    let answer = loop {
+        let next = tokio::time::timeout(DEADLINE, r.next())
+            .await
+            .context("the peer did not answer the fetch")?
+            .context("the peer closed the connection")??;
+        if let ServerFrame::Response { id: 7, body } = decode_server(&next)? {
+            break body;
+        }
+    };
+    // Trailing bytes are ignored or refused; either way the victim's file is untouched.
+    if let Ok(Response::Fetched(r)) = &answer {
+        assert!(r.path.ends_with(&h), "{}", r.path);
+    }
+    assert_eq!(std::fs::read(&victim)?, b"the owner's keys");
+    net.stop().await;
+    Ok(())
+}
+
+/// Fetched copies count against the peer's quota; a fetch past it is refused with the reason
+/// and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_past_the_quota_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (share_a, share_b) = (dir.path().join("a"), dir.path().join("b"));
+    write(&share_a.join("small.bin"), &noise(600, 1))?;
+    write(&share_a.join("big.bin"), &noise(1500, 2))?;
+    std::fs::create_dir_all(&share_b)?;
+    let mut net = Net::start().await?;
+    net.peer("holder", Some(&share_a)).await?;
+    let b = net
+        .peer_with("small", Some(&share_b), |c| c.fetch_quota = 2000)
+        .await?;
+    let conn_b = net.conn(b).await?;
+    fetch(&conn_b, "small.bin").await?;
+    let e = fetch(&conn_b, "big.bin").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
+    assert!(
+        e.to_string().contains(
+            "peer small will not fetch 'big.bin' (1500 bytes): its fetched copies would take \
+             more than its fetch quota of 2000 bytes (600 in use)"
+        ),
+        "{e}"
+    );
+    let copies = std::fs::read_dir(share_b.join(peerbus_peer::share::FETCHED_DIR))?.count();
+    assert_eq!(copies, 2, "one copy and its name file");
     net.stop().await;
     Ok(())
 }

@@ -242,57 +242,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_hits(&mut out, json, &hits)?;
         }
         Command::Get { key, output, peer } => {
-            let report = match peer {
-                Some(addr) => {
-                    let req = peerbus_proto::Request::Fetch {
-                        key: key.clone(),
-                        output: output
-                            .map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string()),
-                    };
-                    match client.request_at(&addr, req, false).await? {
-                        peerbus_proto::Response::Fetched(r) => peerbus_client::DownloadReport {
+            let mut reports = Vec::new();
+            if let Some(addr) = &peer {
+                // The peer picks where its copy lands; the request names only the file.
+                let req = peerbus_proto::Request::Fetch { key: key.clone() };
+                match client.request_at(addr, req, false).await? {
+                    peerbus_proto::Response::Fetched(r) => {
+                        reports.push(peerbus_client::DownloadReport {
                             name: r.name,
                             hash: r.hash,
                             size: r.size,
                             sources: r.sources,
                             path: r.path.into(),
-                        },
-                        other => bail!("peer {addr} answered {other:?} to a fetch"),
+                        })
                     }
+                    other => bail!("peer {addr} answered {other:?} to a fetch"),
                 }
-                None => {
-                    let hit = client.lookup_file(&key).await?;
-                    let dest = output.unwrap_or_else(|| {
-                        let base = hit.name.rsplit('/').next().unwrap_or(&hit.name);
-                        std::path::PathBuf::from(base)
-                    });
-                    let bar = crate::progress::DownloadBar::new();
-                    let r = client.download(&hit.hash, &dest, Some(bar.clone())).await;
-                    bar.finish();
-                    r?
-                }
-            };
-            if json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"name": report.name, "size": report.size, "hash": report.hash,
-                           "sources": report.sources, "path": report.path.display().to_string()})
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "downloaded file '{}' ({} bytes, blake3 {}) from {} to {}",
-                    report.name,
-                    report.size,
-                    report.hash,
-                    if report.sources.is_empty() {
-                        "a copy already held".to_string()
-                    } else {
-                        report.sources.join(", ")
-                    },
-                    report.path.display()
-                )?;
+            }
+            if peer.is_none() || output.is_some() {
+                // This command writes the file itself, as the user who ran it.
+                let hit = client.lookup_file(&key).await?;
+                let dest = output.unwrap_or_else(|| {
+                    let base = hit.name.rsplit('/').next().unwrap_or(&hit.name);
+                    std::path::PathBuf::from(base)
+                });
+                let bar = crate::progress::DownloadBar::new();
+                let r = client.download(&hit.hash, &dest, Some(bar.clone())).await;
+                bar.finish();
+                reports.push(r?);
+            }
+            for report in reports {
+                print_download(&mut out, json, &report)?;
             }
         }
         Command::Index { .. }
@@ -304,6 +284,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+fn print_download(
+    out: &mut impl Write,
+    json: bool,
+    report: &peerbus_client::DownloadReport,
+) -> std::io::Result<()> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"name": report.name, "size": report.size, "hash": report.hash,
+                   "sources": report.sources, "path": report.path.display().to_string()})
+        )
+    } else {
+        writeln!(
+            out,
+            "downloaded file '{}' ({} bytes, blake3 {}) from {} to {}",
+            report.name,
+            report.size,
+            report.hash,
+            if report.sources.is_empty() {
+                "a copy already held".to_string()
+            } else {
+                report.sources.join(", ")
+            },
+            report.path.display()
+        )
+    }
 }
 
 fn print_location(out: &mut impl Write, t: &peerbus_client::TopicLocation) -> std::io::Result<()> {

@@ -91,6 +91,9 @@ pub enum Command {
         /// Share every file under this directory (hashed at start, rescanned while running).
         #[arg(long)]
         share: Option<PathBuf>,
+        /// Most bytes the copies this peer fetches from others into its share may take.
+        #[arg(long, default_value_t = peerbus_peer::DEFAULT_FETCH_QUOTA)]
+        fetch_quota: u64,
     },
     /// Run an index and N peers in one process on loopback.
     Up {
@@ -185,10 +188,12 @@ pub enum Command {
     Get {
         /// File name or BLAKE3 hash.
         key: String,
-        /// Where to write it (default: the file's name in the current directory).
+        /// Where to write it (default: the file's name in the current directory). With
+        /// --peer, this command downloads it here too.
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// Ask this peer to download it into its share directory instead.
+        /// Ask this peer to download it into its share directory (at a place the peer
+        /// chooses) and offer it.
         #[arg(long)]
         peer: Option<String>,
     },

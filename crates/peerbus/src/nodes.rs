@@ -112,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ref name,
             durability,
             ref share,
+            fetch_quota,
         } => {
             let port = listen.rsplit(':').next().unwrap_or("0");
             let default_dir = PathBuf::from("peerbus-data")
@@ -134,6 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config.token = cli.auth_token.clone();
             config.trace_messages = cli.trace_messages;
             config.share = share.clone();
+            config.fetch_quota = fetch_quota;
             let bar = crate::progress::hashing_bar();
             if let Some(bar) = &bar {
                 let bar = bar.clone();

@@ -406,10 +406,34 @@ fn napster_walkthrough_share_get_leave() {
         got.contains("downloaded file 'photo.bin'") && got.contains("from B"),
         "{got}"
     );
-    assert_eq!(
-        std::fs::read(dir.path().join("a-share/photo.bin")).unwrap(),
-        binary
+    // A chose where its copy lives: under the hash, inside its share.
+    let photo_hash = hits[0]["hash"].as_str().unwrap().to_string();
+    let a_copy = dir
+        .path()
+        .join("a-share/.peerbus-fetched")
+        .join(&photo_hash);
+    assert_eq!(std::fs::read(&a_copy).unwrap(), binary);
+    // With -o too, this command writes the path itself; no request names a path on A.
+    let mine = dir.path().join("mine/photo.bin");
+    std::fs::create_dir_all(mine.parent().unwrap()).unwrap();
+    let got = ok(
+        &ix,
+        &[
+            "get",
+            "photo.bin",
+            "--peer",
+            &a.addr,
+            "-o",
+            &mine.display().to_string(),
+        ],
     );
+    assert!(got.contains("a copy already held"), "{got}");
+    assert_eq!(std::fs::read(&mine).unwrap(), binary);
+    let in_a: Vec<String> = std::fs::read_dir(dir.path().join("a-share"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(in_a, [".peerbus-fetched"]);
     wait_for("A offers its copy", Duration::from_secs(20), || {
         ok(&ix, &["--json", "search", "photo"]).contains(&a.addr)
     });

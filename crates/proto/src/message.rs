@@ -233,13 +233,12 @@ pub enum Request {
         /// Piece number from 0.
         index: u32,
     },
-    /// Asks a peer to download a file into its share directory (and to `output`, if set),
-    /// then offer it.
+    /// Asks a peer to download a file into its share directory, then offer it. The peer
+    /// alone chooses where the copy lands (a place inside its share named by the content
+    /// hash): no request names a path on a peer's machine.
     Fetch {
         /// Name or hash.
         key: String,
-        /// Also write the file here (a path on the peer's machine).
-        output: Option<String>,
     },
     /// Registers a participant (index): a named publisher or subscriber that hosts nothing,
     /// such as a "light peer" of the HTTP gateway. Kept at the index so every node's gateway
@@ -669,7 +668,7 @@ pub struct FetchReport {
     pub size: u64,
     /// Names of the peers that supplied pieces.
     pub sources: Vec<String>,
-    /// Where the peer wrote it.
+    /// Where the peer keeps it, inside its share (for people; no request takes a path).
     pub path: String,
 }
 

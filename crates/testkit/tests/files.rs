@@ -260,10 +260,13 @@ async fn replication_reaches_two_holders_and_repairs_after_a_holder_leaves() {
     assert_eq!(holders.len(), 2);
     let copy = holders.iter().find(|n| *n != "peer1").unwrap().clone();
     let copy_idx: usize = copy.trim_start_matches("peer").parse::<usize>().unwrap() - 1;
-    assert_eq!(
-        std::fs::read(cluster.peer_share(copy_idx).join("r.bin")).unwrap(),
-        data
-    );
+    // The copy lives where its holder chose: under the hash, never at the name another
+    // peer registered.
+    let copy_path = cluster
+        .peer_share(copy_idx)
+        .join(peerbus_peer::share::fetched_path(&hit.hash));
+    assert_eq!(std::fs::read(copy_path).unwrap(), data);
+    assert!(!cluster.peer_share(copy_idx).join("r.bin").exists());
 
     // The original holder leaves: the third peer gets a copy.
     cluster.stop_peer(0).await;
