@@ -938,6 +938,12 @@ impl Appended {
     }
 }
 
+/// The topic a topic request names, looked up before dispatch. Every request with a
+/// [`Request::hosted_topic`] that reaches a handler had its topic found.
+fn hosted_topic(hosted: Option<Arc<Topic>>) -> Arc<Topic> {
+    hosted.expect("dispatch forwards or refuses topic requests whose topic is not hosted")
+}
+
 /// The peer as a [`Service`] for the accept loop.
 #[derive(Debug)]
 pub(crate) struct PeerService {
@@ -955,8 +961,11 @@ impl Service for PeerService {
             conn.reply(id, Err(e.into())).await;
             return;
         }
+        // Looked up once: a delete on another thread between a check and a second lookup
+        // would otherwise leave a handler without its topic.
+        let hosted = req.hosted_topic().and_then(|name| node.topic(name));
         if let Some(topic) = req.hosted_topic()
-            && node.topic(topic).is_none()
+            && hosted.is_none()
         {
             let topic = topic.to_string();
             if !forward {
@@ -975,20 +984,25 @@ impl Service for PeerService {
             Request::Ping => {
                 conn.reply(id, Ok(Response::Pong)).await;
             }
-            Request::Publish { topic, batch } => publish(node, conn, id, &topic, batch, None).await,
+            Request::Publish { topic: _, batch } => {
+                publish(node, conn, id, hosted_topic(hosted), batch, None).await
+            }
             Request::PublishIdempotent {
-                topic,
+                topic: _,
                 batch,
                 producer,
                 sequence,
-            } => publish(node, conn, id, &topic, batch, Some((producer, sequence))).await,
+            } => {
+                let t = hosted_topic(hosted);
+                publish(node, conn, id, t, batch, Some((producer, sequence))).await
+            }
             Request::Pull {
-                topic,
+                topic: _,
                 subscriber,
                 max,
                 wait_ms,
             } => {
-                let t = node.topic(&topic).expect("checked above");
+                let t = hosted_topic(hosted);
                 let first = node.pull_now(&t, &subscriber, max);
                 match first {
                     Ok(set) if set.is_empty() && wait_ms > 0 => {
@@ -1018,7 +1032,7 @@ impl Service for PeerService {
                 }
             }
             Request::Subscribe(s) => {
-                let t = node.topic(&s.topic).expect("checked above");
+                let t = hosted_topic(hosted);
                 match node.subscribe(&t, &s) {
                     Ok(pos) => {
                         conn.reply(id, Ok(Response::Subscribed { next_offset: pos }))
@@ -1056,7 +1070,7 @@ impl Service for PeerService {
                 conn.reply(id, Ok(Response::Ok)).await;
             }
             Request::Unsubscribe { topic, subscriber } => {
-                let t = node.topic(&topic).expect("checked above");
+                let t = hosted_topic(hosted);
                 let removed = t
                     .state
                     .lock()
@@ -1078,8 +1092,8 @@ impl Service for PeerService {
                 };
                 conn.reply(id, r).await;
             }
-            Request::Subscribers { topic } => {
-                let t = node.topic(&topic).expect("checked above");
+            Request::Subscribers { topic: _ } => {
+                let t = hosted_topic(hosted);
                 let list = t
                     .state
                     .lock()
@@ -1093,8 +1107,8 @@ impl Service for PeerService {
                     .collect();
                 conn.reply(id, Ok(Response::Subscribers(list))).await;
             }
-            Request::TopicStats { topic } => {
-                let t = node.topic(&topic).expect("checked above");
+            Request::TopicStats { topic: _ } => {
+                let t = hosted_topic(hosted);
                 conn.reply(id, Ok(Response::TopicStats(node.stats(&t))))
                     .await;
             }
@@ -1226,13 +1240,10 @@ async fn publish(
     node: &Arc<Node>,
     conn: &Arc<ConnCtx>,
     id: u32,
-    topic: &str,
+    t: Arc<Topic>,
     batch: Batch,
     producer: Option<(u64, u64)>,
 ) {
-    let t = node
-        .topic(topic)
-        .expect("the caller checked this peer hosts it");
     match node.append(&t, batch, producer) {
         Ok(appended) if appended.is_stored() => {
             // Stored already (memory mode): answering here saves a task switch.

@@ -324,12 +324,17 @@ impl Topic {
 
 impl TopicState {
     /// Where a subscriber starts, given an explicit `from` or its committed position.
+    ///
+    /// The retained low watermark may be past the durable one `hw`: retention is applied when
+    /// a batch is appended, before it is durable. A position is then never below `low` (those
+    /// messages are going) and a reader waits there until the batch is durable.
     pub fn start_position(&self, current: Option<u64>, from: Option<StartFrom>, hw: u64) -> u64 {
         let low = self.retained.low();
+        let high = hw.max(low);
         match (from, current) {
             (Some(StartFrom::Earliest), _) => low,
-            (Some(StartFrom::Latest), _) => hw,
-            (Some(StartFrom::Offset(n)), _) => n.clamp(low, hw),
+            (Some(StartFrom::Latest), _) => high,
+            (Some(StartFrom::Offset(n)), _) => n.clamp(low, high),
             (None, Some(c)) => c.max(low),
             (None, None) => low,
         }
@@ -343,6 +348,35 @@ impl TopicState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_position_is_found_while_retention_runs_ahead_of_durability() {
+        // Two messages appended with a count limit of 1: offset 0 is already cut (low = 1)
+        // while nothing is durable yet (hw = 0).
+        let mut retained = Retained::starting_at(0);
+        retained.push(1, 0);
+        retained.push(1, 0);
+        retained.drop_below(1);
+        let t = Topic::new(
+            "t".into(),
+            1,
+            Retention::default(),
+            0,
+            retained,
+            BTreeMap::new(),
+            TailBudget::default(),
+        );
+        let st = t.state.lock().unwrap();
+        let (low, hw) = (1, 0);
+        assert_eq!(st.start_position(None, Some(StartFrom::Offset(0)), hw), low);
+        assert_eq!(st.start_position(None, Some(StartFrom::Offset(9)), hw), low);
+        assert_eq!(st.start_position(None, Some(StartFrom::Latest), hw), low);
+        assert_eq!(st.start_position(None, Some(StartFrom::Earliest), hw), low);
+        assert_eq!(st.start_position(Some(0), None, hw), low);
+        // The usual case is unchanged.
+        assert_eq!(st.start_position(None, Some(StartFrom::Offset(1)), 2), 1);
+        assert_eq!(st.start_position(None, Some(StartFrom::Offset(5)), 2), 2);
+    }
 
     #[test]
     fn tail_serves_whole_and_partial_batches_and_forgets_old_ones() {

@@ -393,3 +393,63 @@ async fn deleting_a_topic_under_a_lagging_follower_ends_it_cleanly() {
     let all: Vec<Vec<u8>> = all.iter().map(|p| p.to_vec()).collect();
     assert_eq!(all, before);
 }
+
+/// A seek by offset while count retention has cut past the durable watermark (a 2-message
+/// publish into a topic keeping 1, pipelined with the subscribe, so both are handled before
+/// the fsync) must not panic under the topic lock: the topic keeps serving and can be
+/// deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_racing_retention_ahead_of_durability_does_not_wedge_the_topic() {
+    let cluster = cluster(None).await;
+    let c = cluster.client();
+    let retention = Retention {
+        max_messages: Some(1),
+        ..Retention::default()
+    };
+    c.create_topic("wedge", Some("peer1"), retention)
+        .await
+        .unwrap();
+    for round in 0..20u32 {
+        let mut raw = Raw::open(&cluster.peer_addr(0)).await;
+        let mut buf = BytesMut::new();
+        let publish = Request::Publish {
+            topic: "wedge".into(),
+            batch: Batch::from_payloads([b"a".as_slice(), b"b"]),
+        };
+        let subscribe = Request::Subscribe(peerbus_proto::Subscribe {
+            topic: "wedge".into(),
+            subscriber: format!("seeker-{round}"),
+            from: Some(peerbus_proto::StartFrom::Offset(0)),
+            follow: None,
+        });
+        for (id, body) in [(1, publish), (2, subscribe)] {
+            encode_frame(
+                &ClientFrame::Request {
+                    id,
+                    forward: true,
+                    body,
+                },
+                &mut buf,
+            )
+            .unwrap();
+        }
+        raw.bytes(&buf).await;
+        let mut answered = Vec::new();
+        while answered.len() < 2 {
+            match raw.next().await {
+                Some(ServerFrame::Response { id, body }) => {
+                    body.unwrap_or_else(|e| panic!("request {id} failed: {e:?}"));
+                    answered.push(id);
+                }
+                Some(_) => {}
+                None => panic!("the peer dropped the connection in round {round}"),
+            }
+        }
+    }
+    c.publish("wedge", "still works").await.unwrap();
+    tokio::time::timeout(DEADLINE, c.delete_topic("wedge"))
+        .await
+        .expect("deleting the topic hung")
+        .unwrap();
+    still_serving(&cluster, "reader").await;
+}
