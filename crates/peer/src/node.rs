@@ -29,6 +29,10 @@ const MAX_READ_MESSAGES: usize = 8192;
 /// Most payload bytes one pull or delivery carries.
 const MAX_READ_BYTES: usize = 4 << 20;
 const AUTH_KEY: &[u8] = b"auth";
+/// The next topic id, kept so that an id is never given twice, not even after the topic
+/// that had the highest id was deleted and the peer restarted: rows left under an old id
+/// can then never be read as a new topic's.
+const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -145,6 +149,10 @@ impl Node {
             );
             topics.insert(tname, Arc::new(topic));
         }
+        let next_topic_id = backend
+            .get(Table::Meta, NEXT_TOPIC_ID_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
         let writer = Writer::start(backend.clone());
         let client = Client::with_token(config.index.clone(), config.token.clone());
         Ok(Node {
@@ -159,7 +167,7 @@ impl Node {
             next_download: AtomicU64::new(0),
             fetch_limits: FetchLimits::new(),
             follows: Mutex::new(HashMap::new()),
-            next_topic_id: Mutex::new(max_id + 1),
+            next_topic_id: Mutex::new(next_topic_id.max(max_id + 1)),
             tails,
             config,
         })
@@ -244,6 +252,20 @@ impl Node {
             }
             _ => self.writer.submit_detached(ops),
         }
+    }
+
+    /// `count` fresh topic ids, and the op that records them as used; stored with the
+    /// topics' metadata.
+    fn take_topic_ids(&self, count: u64) -> (u64, Op) {
+        let mut n = self.next_topic_id.lock().expect("id lock");
+        let first = *n;
+        *n += count;
+        let op = Op::Put {
+            table: Table::Meta,
+            key: NEXT_TOPIC_ID_KEY.to_vec(),
+            value: n.to_be_bytes().to_vec(),
+        };
+        (first, op)
     }
 
     /// This peer's id at the index; 0 while it holds no lease.
@@ -424,12 +446,7 @@ impl Node {
             )
             .await
             .map_err(relay)?;
-        let id = {
-            let mut n = self.next_topic_id.lock().expect("id lock");
-            let id = *n;
-            *n += 1;
-            id
-        };
+        let (id, id_op) = self.take_topic_ids(1);
         let meta = TopicMeta {
             id,
             retention,
@@ -457,10 +474,13 @@ impl Node {
         }
         // Topic metadata is fsynced in os mode too, as before the writes of its messages.
         let done = self.store(
-            vec![Op::PutTopic {
-                name: topic.clone(),
-                meta,
-            }],
+            vec![
+                id_op,
+                Op::PutTopic {
+                    name: topic.clone(),
+                    meta,
+                },
+            ],
             true,
         );
         match done.await {
@@ -479,29 +499,24 @@ impl Node {
             .expect("topics lock")
             .remove(topic)
             .ok_or_else(|| WireError::topic_not_found(topic))?;
-        {
-            // Under the topic lock, so an append either stored its batch before the delete
-            // is queued or sees the topic deleted.
-            let _st = t.state.lock().expect("topic lock");
+        let done = {
+            // Cancelled and queued under the topic lock. Every op for this topic is queued
+            // under that lock by someone who checked `deleted` first (appends, commits,
+            // subscriptions), so the deletion is the last op ever queued for its id: nothing
+            // written after it brings the topic back or leaves rows behind.
+            let st = t.state.lock().expect("topic lock");
             t.deleted.cancel();
-        }
-        let mut ops = vec![Op::DeleteTopic {
-            name: topic.to_string(),
-            id: t.id,
-        }];
-        // Producer state lives in `meta`, which DeleteTopic does not touch.
-        ops.extend(
-            t.state
-                .lock()
-                .expect("topic lock")
-                .producers
-                .keys()
-                .map(|&p| Op::Remove {
-                    table: Table::Meta,
-                    key: producer_key(t.id, p),
-                }),
-        );
-        let done = self.store(ops, true);
+            let mut ops = vec![Op::DeleteTopic {
+                name: topic.to_string(),
+                id: t.id,
+            }];
+            // Producer state lives in `meta`, which DeleteTopic does not touch.
+            ops.extend(st.producers.keys().map(|&p| Op::Remove {
+                table: Table::Meta,
+                key: producer_key(t.id, p),
+            }));
+            self.store(ops, true)
+        };
         let stored = done.await;
         let lease = self.lease.lock().expect("lease lock").clone();
         if let Some(lease) = lease {
@@ -715,7 +730,7 @@ impl Node {
         let mut st = t.state.lock().expect("topic lock");
         let mut ops = Vec::new();
         self.commit_locked(t, &mut st, subscriber, offset, &mut ops);
-        drop(st);
+        // Queued under the lock, so it cannot land after the topic's deletion.
         if !ops.is_empty() {
             self.store_detached(ops);
         }
@@ -731,6 +746,10 @@ impl Node {
         offset: u64,
         ops: &mut Vec<Op>,
     ) {
+        if t.deleted.is_cancelled() {
+            // The deletion is queued already; a commit after it would bring rows back.
+            return;
+        }
         match st.subscribers.get_mut(subscriber) {
             Some(o) if *o >= offset => return,
             Some(o) => *o = offset,
@@ -789,7 +808,7 @@ impl Node {
             sent
         });
         st.live = live;
-        drop(st);
+        // Queued under the lock, so it cannot land after the topic's deletion.
         if !ops.is_empty() {
             self.store_detached(ops);
         }
@@ -799,6 +818,9 @@ impl Node {
         peerbus_proto::validate_subscriber(&s.subscriber)?;
         let hw = t.high_watermark();
         let mut st = t.state.lock().expect("topic lock");
+        if t.deleted.is_cancelled() {
+            return Err(WireError::topic_not_found(&t.name));
+        }
         let current = st.subscribers.get(&s.subscriber).copied();
         let pos = st.start_position(current, s.from, hw);
         if current != Some(pos) {
@@ -1498,14 +1520,10 @@ impl Node {
             .await
             .map_err(relay)?;
         let count = topics.len();
-        let first_id = {
-            let mut n = self.next_topic_id.lock().expect("id lock");
-            let first = *n;
-            *n += count as u64;
-            first
-        };
+        let (first_id, id_op) = self.take_topic_ids(count as u64);
         let created_ms = now_ms();
-        let mut ops = Vec::with_capacity(count);
+        let mut ops = Vec::with_capacity(count + 1);
+        ops.push(id_op);
         let mut made = Vec::with_capacity(count);
         for (i, name) in topics.into_iter().enumerate() {
             let id = first_id + i as u64;
