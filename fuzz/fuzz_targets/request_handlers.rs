@@ -371,7 +371,7 @@ fn small_u64(u: &mut Unstructured) -> Result<u64> {
 }
 
 fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
-    Ok(match u.int_in_range(0..=30u8)? {
+    Ok(match u.int_in_range(0..=31u8)? {
         0 => Request::Ping,
         1 => Request::Register(RegisterPeer {
             name: peer_name(u, h)?,
@@ -450,6 +450,11 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
             },
             // Long polls stay short: the harness waits for every answer.
             wait_ms: u.int_in_range(0..=50)?,
+            commit: if bool::arbitrary(u)? {
+                Some(small_u64(u)?)
+            } else {
+                None
+            },
         },
         14 => Request::Unsubscribe {
             topic: topic(u)?,
@@ -505,6 +510,11 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
             producer: u.int_in_range(0..=3)?,
             sequence: small_u64(u)?,
         },
+        31 => Request::Ack {
+            topic: topic(u)?,
+            subscriber: subscriber(u)?,
+            offset: small_u64(u)?,
+        },
         _ => Request::CreateTopics {
             topics: vec![topic(u)?, topic(u)?, topic(u)?],
             retention: retention(u)?,
@@ -552,6 +562,7 @@ fn every_request_kind_is_generated(r: &Request) -> u8 {
         Request::ParticipantExists { .. } => 28,
         Request::PublishIdempotent { .. } => 29,
         Request::CreateTopics { .. } => 30,
+        Request::Ack { .. } => 31,
     }
 }
 

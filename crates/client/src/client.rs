@@ -42,8 +42,11 @@ struct Inner {
     /// One slot per address, so connecting to a slow or dead node never delays requests to
     /// the others.
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
-    locations: Mutex<Locations>,
+    locations: Mutex<Bounded<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
+    /// Where each (topic, subscriber)'s last [`Client::pull`] ended: committed by its next
+    /// pull, which is how the application says it has that batch.
+    pulled: Mutex<Bounded<(String, String), u64>>,
 }
 
 /// Topic locations a client keeps at most. A client that touches more topics than this
@@ -51,36 +54,48 @@ struct Inner {
 /// again instead of holding every answer it ever got.
 const MAX_LOCATIONS: usize = 1 << 16;
 
-/// Topic → host address, bounded: a new topic arriving at capacity starts the cache
-/// afresh. Forgetting everything costs one lookup per topic still in use; evicting one
+/// Pull positions a client keeps at most; past it, a subscriber's last batch is read
+/// again instead of committed (at-least-once either way).
+const MAX_PULLED: usize = 1 << 16;
+
+/// A map bounded in entries: a new key arriving at capacity starts it afresh. For topic
+/// locations, forgetting everything costs one lookup per topic still in use; evicting one
 /// entry at a time would need an order to evict in, kept on every hit.
 #[derive(Debug)]
-struct Locations {
-    map: HashMap<String, String>,
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
     cap: usize,
 }
 
-impl Locations {
+impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
     fn new(cap: usize) -> Self {
-        Locations {
+        Bounded {
             map: HashMap::new(),
             cap: cap.max(1),
         }
     }
 
-    fn insert(&mut self, topic: &str, addr: &str) {
-        if self.map.len() >= self.cap && !self.map.contains_key(topic) {
+    fn insert(&mut self, key: K, value: V) {
+        if self.map.len() >= self.cap && !self.map.contains_key(&key) {
             self.map.clear();
         }
-        self.map.insert(topic.to_string(), addr.to_string());
+        self.map.insert(key, value);
     }
 
-    fn get(&self, topic: &str) -> Option<&String> {
-        self.map.get(topic)
+    fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.get(key)
     }
 
-    fn remove(&mut self, topic: &str) {
-        self.map.remove(topic);
+    fn remove<Q>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.remove(key);
     }
 }
 
@@ -105,8 +120,9 @@ impl Client {
                 index: index.into(),
                 token,
                 conns: Mutex::new(HashMap::new()),
-                locations: Mutex::new(Locations::new(MAX_LOCATIONS)),
+                locations: Mutex::new(Bounded::new(MAX_LOCATIONS)),
                 batchers: Mutex::new(HashMap::new()),
+                pulled: Mutex::new(Bounded::new(MAX_PULLED)),
             }),
         }
     }
@@ -180,7 +196,7 @@ impl Client {
             .locations
             .lock()
             .expect("locations lock")
-            .insert(&loc.topic, &loc.addr);
+            .insert(loc.topic.clone(), loc.addr.clone());
     }
 
     fn cached_host(&self, topic: &str) -> Option<String> {
@@ -515,7 +531,10 @@ impl Client {
             };
             let conn = self.connection(&addr).await?;
             match conn.follow(sub.clone(), false).await {
-                Ok((id, next, rx)) => return Ok(Subscription::new(conn, id, next, rx)),
+                Ok((id, next, rx)) => {
+                    let (t, name) = (topic.to_string(), subscriber.to_string());
+                    return Ok(Subscription::new(conn, id, t, name, next, rx));
+                }
                 Err(e)
                     if !tried_lookup
                         && (e.code() == Some(ErrorCode::NotHost) || e.is_unreachable()) =>
@@ -527,8 +546,11 @@ impl Client {
         }
     }
 
-    /// Returns up to `max` messages the subscriber has not pulled yet and advances its
-    /// position. Pulling without a subscription subscribes from the oldest message. With a
+    /// Returns up to `max` messages the subscriber has not acknowledged yet. Asking for the
+    /// next batch acknowledges the one this client's previous `pull` returned for the same
+    /// topic and subscriber (Kafka's auto-commit): a batch is committed only once the
+    /// application has it, so one lost on the way, or held by a process that died, is read
+    /// again. Pulling without a subscription subscribes from the oldest message. With a
     /// non-zero `wait`, an empty pull waits that long for a publish.
     pub async fn pull(
         &self,
@@ -537,15 +559,74 @@ impl Client {
         max: u32,
         wait: Duration,
     ) -> Result<MessageSet> {
+        let key = (topic.to_string(), subscriber.to_string());
+        let commit = self
+            .inner
+            .pulled
+            .lock()
+            .expect("pulled lock")
+            .get(&key)
+            .copied();
+        let set = self.read(topic, subscriber, max, wait, commit).await?;
+        if !set.is_empty() {
+            self.inner
+                .pulled
+                .lock()
+                .expect("pulled lock")
+                .insert(key, set.next_offset());
+        }
+        Ok(set)
+    }
+
+    /// Like [`Client::pull`], but neither acknowledges the previous batch nor remembers this
+    /// one: the caller acknowledges with [`Client::ack`] once it has processed the messages.
+    /// Until then every such pull reads from the same committed position.
+    pub async fn pull_uncommitted(
+        &self,
+        topic: &str,
+        subscriber: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<MessageSet> {
+        self.read(topic, subscriber, max, wait, None).await
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        subscriber: &str,
+        max: u32,
+        wait: Duration,
+        commit: Option<u64>,
+    ) -> Result<MessageSet> {
         peerbus_proto::validate_subscriber(subscriber)?;
+        // Resent by `topic_request` after a lost connection: safe, since reading commits
+        // nothing and committing the same position twice is committing it once.
         let req = Request::Pull {
             topic: topic.to_string(),
             subscriber: subscriber.to_string(),
             max,
             wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+            commit,
         };
         match self.topic_request(topic, req).await? {
             Response::Messages(m) => Ok(m),
+            other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Acknowledges every message of `topic` below `next_offset` for `subscriber`: its
+    /// committed position moves there (never backwards, never past the durable end), and
+    /// `consumed` retention may delete them.
+    pub async fn ack(&self, topic: &str, subscriber: &str, next_offset: u64) -> Result<()> {
+        peerbus_proto::validate_subscriber(subscriber)?;
+        let req = Request::Ack {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+            offset: next_offset,
+        };
+        match self.topic_request(topic, req).await? {
+            Response::Ok => Ok(()),
             other => Err(unexpected(topic, &other)),
         }
     }
@@ -693,19 +774,19 @@ impl Future for PublishAck {
 
 #[cfg(test)]
 mod tests {
-    use super::Locations;
+    use super::Bounded;
 
     #[test]
     fn locations_stay_within_their_bound() {
-        let mut l = Locations::new(3);
+        let mut l: Bounded<String, String> = Bounded::new(3);
         for i in 0..10 {
-            l.insert(&format!("t{i}"), "a:1");
+            l.insert(format!("t{i}"), "a:1".into());
             assert!(l.map.len() <= 3);
         }
         // The newest answer is always kept, and replacing a known topic forgets nothing.
         assert_eq!(l.get("t9").map(String::as_str), Some("a:1"));
         let before: Vec<String> = l.map.keys().cloned().collect();
-        l.insert("t9", "b:2");
+        l.insert("t9".into(), "b:2".into());
         let mut after: Vec<String> = l.map.keys().cloned().collect();
         let mut before = before;
         before.sort();

@@ -266,6 +266,24 @@ impl Connection {
         let _ = self.shared.tx.send_now(frame.into());
     }
 
+    /// Acknowledges `subscriber`'s messages of `topic` below `offset` without waiting for
+    /// the answer. One that is lost leaves those messages to be delivered again, which is
+    /// what at-least-once allows.
+    pub fn ack_nowait(&self, topic: &str, subscriber: &str, offset: u64) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = ClientFrame::Request {
+            id,
+            // A node relaying the subscription passes the acknowledgement to the host.
+            forward: true,
+            body: Request::Ack {
+                topic: topic.to_string(),
+                subscriber: subscriber.to_string(),
+                offset,
+            },
+        };
+        let _ = self.shared.tx.send_now(frame.into());
+    }
+
     /// Closes the connection; requests in flight fail with [`ClientError::Closed`].
     pub fn close(&self) {
         close(&self.shared, "closed by this client".into());

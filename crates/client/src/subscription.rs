@@ -11,10 +11,21 @@ use crate::error::{ClientError, Result};
 
 /// A following subscription: a [`Stream`] of messages in offset order, pushed by the host
 /// as they are published. Dropping it stops the stream on the host.
+///
+/// What the host sends is committed only once the application has it: asking for the next
+/// message (or batch) after the last one of a batch acknowledges that batch. A subscription
+/// that ends, or a process that dies, before that resumes with the batch again
+/// (at-least-once).
 #[derive(Debug)]
 pub struct Subscription {
     conn: Connection,
     id: u64,
+    topic: String,
+    subscriber: String,
+    /// Everything below this was handed to the application and acknowledged.
+    acked: u64,
+    /// Acknowledge what was handed out (off for a relay, whose own client acknowledges).
+    auto_ack: bool,
     next_offset: u64,
     rx: mpsc::Receiver<SubEvent>,
     ready: VecDeque<Message>,
@@ -25,12 +36,18 @@ impl Subscription {
     pub(crate) fn new(
         conn: Connection,
         id: u64,
+        topic: String,
+        subscriber: String,
         next_offset: u64,
         rx: mpsc::Receiver<SubEvent>,
     ) -> Self {
         Subscription {
             conn,
             id,
+            topic,
+            subscriber,
+            acked: next_offset,
+            auto_ack: true,
             next_offset,
             rx,
             ready: VecDeque::new(),
@@ -48,6 +65,10 @@ impl Subscription {
     pub async fn next_batch(&mut self) -> Option<Result<MessageSet>> {
         if self.ended {
             return None;
+        }
+        // Everything handed out so far was a whole batch: asking for more acknowledges it.
+        if self.ready.is_empty() {
+            self.ack_handed();
         }
         match self.rx.recv().await {
             Some(SubEvent::Messages(set)) => {
@@ -80,6 +101,8 @@ impl Stream for Subscription {
             if self.ended {
                 return Poll::Ready(None);
             }
+            // The application has every message of the batches before: acknowledge them.
+            self.ack_handed();
             match self.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(SubEvent::Messages(set))) => {
@@ -100,6 +123,24 @@ impl Stream for Subscription {
                     })));
                 }
             }
+        }
+    }
+}
+
+impl Subscription {
+    /// Leaves acknowledging to someone else: a node that relays this subscription to a
+    /// client of its own passes that client's acknowledgements on instead.
+    pub fn without_acks(mut self) -> Self {
+        self.auto_ack = false;
+        self
+    }
+
+    /// Acknowledges what the application has been handed, if that moved.
+    fn ack_handed(&mut self) {
+        if self.auto_ack && self.next_offset > self.acked && !self.ended {
+            self.acked = self.next_offset;
+            self.conn
+                .ack_nowait(&self.topic, &self.subscriber, self.next_offset);
         }
     }
 }

@@ -312,6 +312,21 @@ pub(crate) struct PullBody {
     /// When nothing is new, wait up to this many milliseconds for a publish (at most 60000).
     #[serde(default)]
     wait_ms: Option<u32>,
+    /// `true` (the default): this pull acknowledges what the subscriber's previous pull
+    /// through this node returned. `false`: nothing is acknowledged until
+    /// `POST /api/v1/topics/{topic}/ack`, and pulls keep returning the same messages.
+    #[serde(default)]
+    commit: Option<bool>,
+}
+
+/// An acknowledgement.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct AckBody {
+    /// The subscriber's name.
+    subscriber: String,
+    /// The last offset the subscriber has processed: it and everything before it are
+    /// acknowledged.
+    offset: u64,
 }
 
 /// One message.
@@ -567,7 +582,8 @@ pub(crate) async fn subscribers(
     ))
 }
 
-/// Returns messages the subscriber has not pulled yet and advances its position.
+/// Returns messages the subscriber has not acknowledged. By default the next pull
+/// acknowledges them; with `"commit": false` only an ack does.
 #[utoipa::path(post, path = "/api/v1/topics/{topic}/pull", tag = "v1",
     params(("topic" = String, Path, description = "The topic")), request_body = PullBody,
     responses((status = 200, body = PulledMessages), (status = 400, body = ErrorBody),
@@ -579,10 +595,36 @@ pub(crate) async fn pull(
 ) -> Result<Json<PulledMessages>, ApiError> {
     let max = b.max.unwrap_or(DEFAULT_PULL).max(1);
     let wait = Duration::from_millis(u64::from(b.wait_ms.unwrap_or(0).min(MAX_WAIT_MS)));
-    let set = st.client.pull(&topic, &b.subscriber, max, wait).await?;
+    let set = if b.commit.unwrap_or(true) {
+        st.client.pull(&topic, &b.subscriber, max, wait).await?
+    } else {
+        st.client
+            .pull_uncommitted(&topic, &b.subscriber, max, wait)
+            .await?
+    };
     let messages: Vec<MessageView> = set.messages().map(|m| MessageView::of(&m)).collect();
     st.metrics.pulled(messages.len(), set.batch.data.len());
     Ok(Json(PulledMessages { messages }))
+}
+
+/// Acknowledges a subscriber's messages up to and including `offset`.
+#[utoipa::path(post, path = "/api/v1/topics/{topic}/ack", tag = "v1",
+    params(("topic" = String, Path, description = "The topic")), request_body = AckBody,
+    responses((status = 204, description = "Acknowledged"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub(crate) async fn ack(
+    State(st): State<AppState>,
+    P(topic): P<String>,
+    JsonBody(b): JsonBody<AckBody>,
+) -> Result<StatusCode, ApiError> {
+    let next = b.offset.checked_add(1).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "offset {} is past the largest offset a topic can have",
+            b.offset
+        ))
+    })?;
+    st.client.ack(&topic, &b.subscriber, next).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Removes a temporary stream subscriber once its stream is gone.

@@ -13,11 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody, JsonBody, Q};
 
-/// Messages one pull request asks the host for.
-const PULL_CHUNK: u32 = 1000;
-/// Messages one classic pull returns at most; the rest wait for the next pull, so a huge
-/// backlog does not make one answer unbounded.
-const PULL_MAX: usize = 10_000;
+/// Messages one classic pull returns at most; the rest wait for the next pull. The host
+/// also caps one answer at 4 MiB of payload, so the answer is bounded in bytes too.
+const PULL_MAX: u32 = 8192;
 
 /// Names a participant.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -260,8 +258,9 @@ pub(crate) async fn subscribe(
     }))
 }
 
-/// Returns the messages the participant has not pulled yet (subscribing it first if
-/// needed) and advances its position.
+/// Returns messages the participant has not pulled yet (subscribing it first if needed), at
+/// most one host answer. The participant's next pull acknowledges them, so an answer lost
+/// on the way (a dropped connection, a proxy timeout) is sent again rather than skipped.
 #[utoipa::path(post, path = "/pull_messages", tag = "classic", request_body = PeerTopicBody,
     responses((status = 200, body = Pulled), (status = 400, body = ErrorBody),
         (status = 404, description = "Unknown participant or topic", body = ErrorBody)))]
@@ -270,24 +269,18 @@ pub(crate) async fn pull_messages(
     JsonBody(b): JsonBody<PeerTopicBody>,
 ) -> Result<Json<Pulled>, ApiError> {
     require_participant(&st, &b.peer_id).await?;
-    let mut messages = Vec::new();
-    let mut bytes = 0;
-    // The host answers at most a chunk per pull: drain the backlog up to the cap.
-    while messages.len() < PULL_MAX {
-        let want = PULL_CHUNK.min((PULL_MAX - messages.len()) as u32);
-        let set = st
-            .client
-            .pull(&b.topic, &b.peer_id, want, Duration::ZERO)
-            .await?;
-        if set.is_empty() {
-            break;
-        }
-        for p in set.batch.iter() {
-            bytes += p.len();
-            messages.push(String::from_utf8_lossy(&p).into_owned());
-        }
-    }
-    st.metrics.pulled(messages.len(), bytes);
+    // One host answer: reading more would acknowledge the first part before this answer
+    // reached anyone.
+    let set = st
+        .client
+        .pull(&b.topic, &b.peer_id, PULL_MAX, Duration::ZERO)
+        .await?;
+    let messages: Vec<String> = set
+        .batch
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
+        .collect();
+    st.metrics.pulled(messages.len(), set.batch.data.len());
     Ok(Json(Pulled { messages }))
 }
 

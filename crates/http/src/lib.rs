@@ -205,6 +205,7 @@ fn build(config: HttpConfig, shutdown: CancellationToken) -> Router {
         )
         .route("/api/v1/topics/{topic}/subscribers", get(api::subscribers))
         .route("/api/v1/topics/{topic}/pull", post(api::pull))
+        .route("/api/v1/topics/{topic}/ack", post(api::ack))
         .route("/api/v1/topics/{topic}/stream", get(api::stream))
         .route("/api/v1/files", get(api::files))
         .route("/api/v1/files/{key}", get(api::file))

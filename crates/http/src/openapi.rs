@@ -33,6 +33,7 @@ use crate::{api, classic, content};
         api::unsubscribe,
         api::subscribers,
         api::pull,
+        api::ack,
         api::stream,
         api::files,
         api::file,

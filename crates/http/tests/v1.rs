@@ -140,6 +140,33 @@ async fn topics_messages_and_subscriptions() -> anyhow::Result<()> {
     assert_eq!(b["messages"].as_array().map(Vec::len), Some(2));
     assert_eq!(b["messages"][1]["message"], "d");
 
+    // At-least-once: with "commit": false nothing is acknowledged until the ack endpoint.
+    let peek = json!({"subscriber": "s5", "commit": false});
+    let (_, first) = post(&http, pull.clone(), peek.clone()).await;
+    let (_, again) = post(&http, pull.clone(), peek.clone()).await;
+    assert_eq!(first["messages"].as_array().map(Vec::len), Some(4));
+    assert_eq!(
+        first, again,
+        "an unacknowledged pull reads the same messages"
+    );
+    let ack = gw.url("/api/v1/topics/metrics.cpu/ack");
+    let resp = http
+        .post(ack.clone())
+        .json(&json!({"subscriber": "s5", "offset": 2}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let (_, rest) = post(&http, pull.clone(), peek).await;
+    assert_eq!(rest["messages"][0]["offset"], 3);
+    let (s, b) = post(&http, ack, json!({"subscriber": "s5", "offset": 50})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot acknowledge topic 'metrics.cpu' up to offset 50")),
+        "{b}"
+    );
+
     assert_eq!(
         delete(&http, gw.url("/api/v1/topics/metrics.cpu/subscriptions/s1")).await,
         StatusCode::NO_CONTENT

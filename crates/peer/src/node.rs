@@ -783,7 +783,6 @@ impl Node {
         if st.live.is_empty() {
             return;
         }
-        let mut ops = Vec::new();
         let mut live = std::mem::take(&mut st.live);
         live.retain_mut(|f| {
             let sent = match &fresh {
@@ -799,8 +798,8 @@ impl Node {
                 _ => false,
             };
             if sent {
+                // Committed when the subscriber acknowledges it, not when queued here.
                 f.next = end;
-                self.commit_locked(t, &mut st, &f.subscriber, end, &mut ops);
             } else {
                 f.handback.next.store(f.next, Ordering::Release);
                 f.handback.wake.notify_one();
@@ -808,10 +807,6 @@ impl Node {
             sent
         });
         st.live = live;
-        // Queued under the lock, so it cannot land after the topic's deletion.
-        if !ops.is_empty() {
-            self.store_detached(ops);
-        }
     }
 
     fn subscribe(&self, t: &Topic, s: &Subscribe) -> Result<u64, WireError> {
@@ -834,7 +829,19 @@ impl Node {
         Ok(pos)
     }
 
-    fn pull_now(&self, t: &Topic, subscriber: &str, max: u32) -> Result<MessageSet, WireError> {
+    /// Reads what `subscriber` has not acknowledged, from its committed position, without
+    /// committing it: the reader acknowledges a batch once it has it (with `commit` on its
+    /// next pull, or an [`Request::Ack`]). `commit` is applied first.
+    fn pull_now(
+        &self,
+        t: &Topic,
+        subscriber: &str,
+        max: u32,
+        commit: Option<u64>,
+    ) -> Result<MessageSet, WireError> {
+        if let Some(offset) = commit {
+            self.ack(t, subscriber, offset)?;
+        }
         let pos = self.subscribe(
             t,
             &Subscribe {
@@ -845,11 +852,47 @@ impl Node {
             },
         )?;
         let set = self.read(t, pos, max as usize)?;
-        // Also when the set is empty but starts later: past a hole, the position moves too.
-        if set.next_offset() > pos {
+        // An empty set that starts later skips a hole (a deleted range): nothing there can
+        // be delivered, so the position moves past it without waiting for an ack.
+        if set.is_empty() && set.next_offset() > pos {
             self.commit(t, subscriber, set.next_offset());
         }
         Ok(set)
+    }
+
+    /// Commits `subscriber`'s position at `offset` (the next offset it reads): it has every
+    /// message before it. Positions only move forward this way, and never past what is
+    /// durable, so an ack cannot skip a message nobody was given.
+    fn ack(&self, t: &Topic, subscriber: &str, offset: u64) -> Result<(), WireError> {
+        peerbus_proto::validate_subscriber(subscriber)?;
+        let hw = t.high_watermark();
+        if offset > hw {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "cannot acknowledge topic '{}' up to offset {}: its messages end before \
+                     offset {hw}",
+                    t.name,
+                    offset - 1
+                ),
+            ));
+        }
+        let mut st = t.state.lock().expect("topic lock");
+        if t.deleted.is_cancelled() {
+            return Err(WireError::topic_not_found(&t.name));
+        }
+        if !st.subscribers.contains_key(subscriber) {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("'{subscriber}' is not subscribed to topic '{}'", t.name),
+            ));
+        }
+        let mut ops = Vec::new();
+        self.commit_locked(t, &mut st, subscriber, offset, &mut ops);
+        if !ops.is_empty() {
+            self.store_detached(ops);
+        }
+        Ok(())
     }
 
     fn stats(&self, t: &Topic) -> TopicStats {
@@ -1023,9 +1066,10 @@ impl Service for PeerService {
                 subscriber,
                 max,
                 wait_ms,
+                commit,
             } => {
                 let t = hosted_topic(hosted);
-                let first = node.pull_now(&t, &subscriber, max);
+                let first = node.pull_now(&t, &subscriber, max, commit);
                 match first {
                     Ok(set) if set.is_empty() && wait_ms > 0 => {
                         let (node, conn) = (node.clone(), conn.clone());
@@ -1036,7 +1080,7 @@ impl Service for PeerService {
                             let start = set.first_offset;
                             let r = loop {
                                 if *rx.borrow_and_update() > start {
-                                    break node.pull_now(&t, &subscriber, max);
+                                    break node.pull_now(&t, &subscriber, max, None);
                                 }
                                 tokio::select! {
                                     c = rx.changed() => if c.is_err() { break Ok(set.clone()) },
@@ -1067,7 +1111,7 @@ impl Service for PeerService {
                                 .insert((conn.id, sub), stop.clone());
                             let (node, conn) = (node.clone(), conn.clone());
                             tokio::spawn(async move {
-                                follow(&node, &conn, t, s.subscriber, sub, pos, stop).await;
+                                follow(&node, &conn, t, sub, pos, stop).await;
                                 node.follows
                                     .lock()
                                     .expect("follows lock")
@@ -1090,6 +1134,15 @@ impl Service for PeerService {
                     stop.cancel();
                 }
                 conn.reply(id, Ok(Response::Ok)).await;
+            }
+            Request::Ack {
+                topic: _,
+                subscriber,
+                offset,
+            } => {
+                let t = hosted_topic(hosted);
+                let r = node.ack(&t, &subscriber, offset).map(|()| Response::Ok);
+                conn.reply(id, r).await;
             }
             Request::Unsubscribe { topic, subscriber } => {
                 let t = hosted_topic(hosted);
@@ -1293,7 +1346,6 @@ async fn follow(
     node: &Node,
     conn: &Arc<ConnCtx>,
     t: Arc<Topic>,
-    subscriber: String,
     sub: u64,
     mut pos: u64,
     stop: CancellationToken,
@@ -1326,11 +1378,12 @@ async fn follow(
                 Ok(set) if !set.is_empty() => {
                     pos = set.next_offset();
                     let frame = ServerFrame::Delivery { sub, messages: set };
+                    // Not committed here: the subscriber acknowledges what it handed to its
+                    // application, so a delivery lost on the way is sent again on resume.
                     tokio::select! {
                         ok = conn.send(frame) => if !ok { return },
                         _ = stop.cancelled() => return,
                     }
-                    node.commit(&t, &subscriber, pos);
                     continue;
                 }
                 Ok(set) => {
@@ -1363,7 +1416,6 @@ async fn follow(
             }
             st.live.push(Live {
                 sub,
-                subscriber: subscriber.clone(),
                 conn: conn.clone(),
                 next: pos,
                 handback: handback.clone(),
@@ -1406,7 +1458,9 @@ async fn forward_topic_request(
         && let Some(sub) = s.follow
     {
         match node.client.follow(&topic, &s.subscriber, s.from).await {
-            Ok(mut upstream) => {
+            // The client acknowledges to this node, which forwards its acks to the host.
+            Ok(upstream) => {
+                let mut upstream = upstream.without_acks();
                 conn.reply(
                     id,
                     Ok(Response::Subscribed {

@@ -45,7 +45,6 @@ pub(crate) struct TopicState {
 #[derive(Debug)]
 pub(crate) struct Live {
     pub sub: u64,
-    pub subscriber: String,
     pub conn: Arc<peerbus_net::ConnCtx>,
     /// The next offset it should get.
     pub next: u64,

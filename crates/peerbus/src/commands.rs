@@ -147,11 +147,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             topic,
             subscriber,
             max,
+            no_commit,
         } => {
             let mut left = max.unwrap_or(u64::MAX);
             while left > 0 {
                 let set = client
-                    .pull(&topic, &subscriber, left.min(8192) as u32, Duration::ZERO)
+                    .pull_uncommitted(&topic, &subscriber, left.min(8192) as u32, Duration::ZERO)
                     .await?;
                 if set.is_empty() {
                     break;
@@ -160,6 +161,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 for m in set.messages() {
                     print_message(&mut out, json, &topic, &m)?;
                 }
+                if no_commit {
+                    break;
+                }
+                // Committed only once written: a reader that went away (`| head -1`) makes
+                // the flush fail, and the batch is printed again next time.
+                out.flush()?;
+                client.ack(&topic, &subscriber, set.next_offset()).await?;
+            }
+        }
+        Command::Ack {
+            topic,
+            subscriber,
+            offset,
+        } => {
+            let next = offset.checked_add(1).ok_or_else(|| {
+                anyhow::anyhow!("offset {offset} is past the largest offset a topic can have")
+            })?;
+            client.ack(&topic, &subscriber, next).await?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"topic": topic, "subscriber": subscriber, "acked": offset})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "acknowledged '{subscriber}' on topic '{topic}' up to offset {offset}"
+                )?;
             }
         }
         Command::Unsubscribe { topic, subscriber } => {
@@ -426,6 +456,9 @@ async fn follow_topics(
     }
     let mut all = futures::stream::select_all(streams);
     let stdout = std::io::stdout();
+    // The subscriptions acknowledge a batch when the next is asked for; what was written
+    // since is acknowledged here on Ctrl-C, so a restart does not print it again.
+    let mut written: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             next = all.next() => match next {
@@ -433,11 +466,17 @@ async fn follow_topics(
                     let mut out = stdout.lock();
                     print_message(&mut out, json, &topic, &m)?;
                     out.flush()?;
+                    written.insert(topic, m.offset + 1);
                 }
                 Some((topic, Err(e))) => bail!("subscription to topic '{topic}' ended: {e}"),
                 None => return Ok(()),
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => {
+                for (topic, next) in written {
+                    client.ack(&topic, subscriber, next).await?;
+                }
+                return Ok(());
+            }
         }
     }
 }

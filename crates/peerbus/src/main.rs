@@ -154,6 +154,21 @@ pub enum Command {
         /// At most this many messages.
         #[arg(long)]
         max: Option<u64>,
+        /// Print without acknowledging: the next pull prints the same messages until
+        /// `peerbus ack` (at most one batch of 8,192 messages or 4 MiB).
+        #[arg(long)]
+        no_commit: bool,
+    },
+    /// Acknowledge a subscriber's messages up to and including an offset.
+    Ack {
+        /// The topic.
+        topic: String,
+        /// Subscriber name.
+        #[arg(long = "as", value_name = "ID")]
+        subscriber: String,
+        /// The last offset the subscriber has processed.
+        #[arg(long)]
+        offset: u64,
     },
     /// Remove a subscription and its position.
     Unsubscribe {

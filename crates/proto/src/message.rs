@@ -160,7 +160,10 @@ pub enum Request {
     },
     /// Records a subscription, and with `follow` streams messages to this connection.
     Subscribe(Subscribe),
-    /// Returns messages the subscriber has not pulled yet and advances its committed offset.
+    /// Returns messages from the subscriber's committed position. Reading commits nothing:
+    /// the subscriber acknowledges a batch once it has it, with `commit` on its next pull
+    /// (Kafka's commit-then-poll) or an [`Request::Ack`], so a batch lost on the way is
+    /// read again (at-least-once).
     Pull {
         /// The topic.
         topic: String,
@@ -170,6 +173,9 @@ pub enum Request {
         max: u32,
         /// If nothing is available, wait up to this many milliseconds for a publish.
         wait_ms: u32,
+        /// Before reading, commit this position (the next offset to read), as with
+        /// [`Request::Ack`].
+        commit: Option<u64>,
     },
     /// Removes a subscription and its committed offset.
     Unsubscribe {
@@ -289,6 +295,18 @@ pub enum Request {
         /// Only for the index: the address or name of the peer that should host them.
         peer: Option<String>,
     },
+    /// Commits a subscriber's position: it has every message below `offset` (the next offset
+    /// it reads). Positions move only forward this way and never past the durable end; with
+    /// `consumed` retention, acknowledged messages may then be deleted. Answered
+    /// [`Response::Ok`].
+    Ack {
+        /// The topic.
+        topic: String,
+        /// The subscriber's name.
+        subscriber: String,
+        /// The next offset the subscriber reads.
+        offset: u64,
+    },
 }
 
 impl Request {
@@ -299,6 +317,7 @@ impl Request {
             | Request::Publish { topic, .. }
             | Request::PublishIdempotent { topic, .. }
             | Request::Pull { topic, .. }
+            | Request::Ack { topic, .. }
             | Request::Unsubscribe { topic, .. }
             | Request::Subscribers { topic }
             | Request::TopicStats { topic } => Some(topic),
@@ -341,6 +360,7 @@ impl Request {
             Request::ParticipantExists { .. } => "participant_exists",
             Request::PublishIdempotent { .. } => "publish_idempotent",
             Request::CreateTopics { .. } => "create_topics",
+            Request::Ack { .. } => "ack",
         }
     }
 }

@@ -127,14 +127,25 @@ fn request() -> impl Strategy<Value = Request> {
                     follow
                 })
             ),
-        (name(), name(), any::<u32>(), any::<u32>()).prop_map(
-            |(topic, subscriber, max, wait_ms)| Request::Pull {
+        (
+            name(),
+            name(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(topic, subscriber, max, wait_ms, commit)| Request::Pull {
                 topic,
                 subscriber,
                 max,
-                wait_ms
-            }
-        ),
+                wait_ms,
+                commit
+            }),
+        (name(), name(), any::<u64>()).prop_map(|(topic, subscriber, offset)| Request::Ack {
+            topic,
+            subscriber,
+            offset
+        }),
         (name(), name()).prop_map(|(topic, subscriber)| Request::Unsubscribe { topic, subscriber }),
         name().prop_map(|topic| Request::Subscribers { topic }),
         any::<u64>().prop_map(|sub| Request::StopFollow { sub }),

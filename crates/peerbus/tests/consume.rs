@@ -1,0 +1,98 @@
+//! At-least-once consumption through the built binary: the CLI acknowledges only what it
+//! wrote to stdout, `--no-commit` acknowledges nothing, and `peerbus ack` commits by hand.
+
+use std::process::Stdio;
+
+mod common;
+
+use common::{Up, peerbus};
+
+fn run(index: &str, args: &[&str]) -> String {
+    let out = peerbus()
+        .arg("--index")
+        .arg(index)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "peerbus {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_cli_commits_only_what_it_wrote() {
+    let up = Up::start(1);
+    let ix = up.index.clone();
+    run(&ix, &["topic", "create", "jobs"]);
+    let messages: Vec<String> = (0..50).map(|i| format!("job-{i}")).collect();
+    let mut args = vec!["publish", "jobs"];
+    args.extend(messages.iter().map(String::as_str));
+    run(&ix, &args);
+
+    // A reader that goes away before reading anything (`peerbus pull | head -0`): the
+    // writes fail, and nothing is acknowledged.
+    let mut child = peerbus()
+        .args(["--index", &ix, "pull", "jobs", "--as", "worker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "writing to a closed pipe must fail");
+
+    // --no-commit prints and acknowledges nothing.
+    let peek = run(
+        &ix,
+        &[
+            "pull",
+            "jobs",
+            "--as",
+            "worker",
+            "--no-commit",
+            "--max",
+            "5",
+        ],
+    );
+    assert_eq!(peek.lines().collect::<Vec<_>>(), messages[..5]);
+    let again = run(
+        &ix,
+        &[
+            "pull",
+            "jobs",
+            "--as",
+            "worker",
+            "--no-commit",
+            "--max",
+            "5",
+        ],
+    );
+    assert_eq!(again, peek, "nothing was acknowledged");
+
+    // An explicit ack of offsets 0..=4, then a pull prints the rest and commits it.
+    let acked = run(&ix, &["ack", "jobs", "--as", "worker", "--offset", "4"]);
+    assert!(acked.contains("up to offset 4"), "{acked}");
+    let rest = run(&ix, &["pull", "jobs", "--as", "worker"]);
+    assert_eq!(rest.lines().collect::<Vec<_>>(), messages[5..]);
+    assert_eq!(run(&ix, &["pull", "jobs", "--as", "worker"]), "");
+
+    // Acknowledging past the end is refused with the reason.
+    let out = peerbus()
+        .args([
+            "--index", &ix, "ack", "jobs", "--as", "worker", "--offset", "99",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "cannot acknowledge topic 'jobs' up to offset 99: its messages end before offset 50"
+        ),
+        "{stderr}"
+    );
+    up.stop();
+}
