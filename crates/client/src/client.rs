@@ -18,8 +18,8 @@ use crate::subscription::Subscription;
 
 /// Payload bytes one automatic publish batch carries at most (well under the frame limit).
 const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Messages one automatic publish batch carries at most.
-const MAX_BATCH_MESSAGES: usize = 1 << 18;
+/// Messages one automatic publish batch carries at most (what a host accepts).
+const MAX_BATCH_MESSAGES: usize = peerbus_proto::MAX_BATCH_MESSAGES;
 /// First pause before resending an automatic batch to a host that could not be reached.
 const RESEND_FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest pause between resends of an automatic batch.

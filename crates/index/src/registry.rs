@@ -426,7 +426,7 @@ impl Registry {
                 format!("peer {} is not registered; register again", auth.peer_id),
             )
         })?;
-        if peer.rec.cookie != auth.cookie {
+        if !peerbus_proto::same_secret(peer.rec.cookie.as_bytes(), auth.cookie.as_bytes()) {
             return Err(unauthorized(auth.peer_id));
         }
         Ok(peer)
@@ -461,7 +461,14 @@ impl Registry {
         validate_peer_name(&req.name)?;
         let resume = match &req.previous {
             Some(auth) => match self.peers.get(&auth.peer_id) {
-                Some(p) if p.rec.cookie == auth.cookie => Some(auth.peer_id),
+                Some(p)
+                    if peerbus_proto::same_secret(
+                        p.rec.cookie.as_bytes(),
+                        auth.cookie.as_bytes(),
+                    ) =>
+                {
+                    Some(auth.peer_id)
+                }
                 Some(_) => return Err(unauthorized(auth.peer_id)),
                 // The index lost this identity (its data was reset): the peer gets a new one
                 // rather than an error it cannot recover from.

@@ -8,10 +8,12 @@
 //! and clean closing on garbage, oversized frames, connections that never ask anything
 //! (`idle_timeout`) or shutdown.
 
+mod inflight;
 mod server;
 mod trace;
 mod writer;
 
+pub use inflight::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES, MAX_PENDING_READS};
 pub use server::{
     ConnCtx, DEFAULT_HELLO_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, ServerConfig,
     Service, serve,

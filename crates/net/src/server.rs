@@ -15,6 +15,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::inflight::InFlight;
 use crate::writer::{Budget, Outbox};
 
 /// Default for [`ServerConfig::max_connections`].
@@ -76,6 +77,15 @@ pub trait Service: Send + Sync + 'static {
         forward: bool,
         req: Request,
     ) -> impl Future<Output = ()> + Send;
+
+    /// What answering `req` holds in memory until its answer is queued, counted against
+    /// the connection's [`crate::MAX_IN_FLIGHT_BYTES`]. By default the request frame itself
+    /// (`frame_len` bytes), which covers requests kept while they wait (a publish until it
+    /// is durable, a forward until the other node answers).
+    fn cost(&self, req: &Request, frame_len: usize) -> usize {
+        let _ = req;
+        frame_len
+    }
 }
 
 /// One accepted connection, as handlers see it.
@@ -87,6 +97,7 @@ pub struct ConnCtx {
     pub remote: SocketAddr,
     out: Outbox<ServerFrame>,
     budget: Budget,
+    inflight: InFlight,
     /// Cancelled when the connection closes, so tasks serving it (subscriptions) stop.
     pub closed: CancellationToken,
 }
@@ -120,9 +131,20 @@ impl ConnCtx {
         }
     }
 
-    /// Answers request `id`.
+    /// Answers request `id`, and gives back what it held of the connection's in-flight
+    /// limits.
     pub async fn reply(&self, id: u32, body: Result<Response, WireError>) -> bool {
-        self.send(ServerFrame::Response { id, body }).await
+        let sent = self.send(ServerFrame::Response { id, body }).await;
+        self.inflight.answered(id);
+        sent
+    }
+
+    /// Waits for one of the connection's few read slots ([`crate::MAX_PENDING_READS`]).
+    /// Work that reads for this connection after its request was answered (a following
+    /// subscription, a woken long poll) holds one from before the read until the read is
+    /// queued, so a client that stops reading leaves at most that many reads in memory.
+    pub async fn read_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.inflight.read_slot().await
     }
 }
 
@@ -211,17 +233,21 @@ async fn connection<S: Service>(
 ) {
     let (r, w) = stream.into_split();
     let (tx, writer) = Outbox::new(w);
-    let mut frames = FramedRead::with_capacity(r, FrameCodec::new(config.max_frame), 64 * 1024);
+    // Small until the hello is accepted (Kafka caps unauthenticated frames the same way).
+    let first_max = peerbus_proto::MAX_HELLO_FRAME.min(config.max_frame);
+    let mut frames = FramedRead::with_capacity(r, FrameCodec::new(first_max), 4 * 1024);
     let ctx = Arc::new(ConnCtx {
         id,
         remote,
         out: tx.clone(),
         budget: Budget::new(),
+        inflight: InFlight::new(),
         closed: shutdown.clone(),
     });
 
     match hello(&mut frames, config).await {
         Ok(()) => {
+            frames.decoder_mut().set_max(config.max_frame);
             let welcome = ServerFrame::Welcome {
                 protocol: PROTOCOL.to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -278,6 +304,7 @@ async fn connection<S: Service>(
                 break;
             }
         };
+        let frame_len = body.len();
         match peerbus_proto::decode_client(&body) {
             Ok(ClientFrame::Request {
                 id: req_id,
@@ -285,6 +312,12 @@ async fn connection<S: Service>(
                 body,
             }) => {
                 asked = true;
+                // Waiting here stops reading this connection until earlier answers are out.
+                let cost = service.cost(&body, frame_len);
+                tokio::select! {
+                    () = ctx.inflight.admit(req_id, cost) => {}
+                    _ = shutdown.cancelled() => break,
+                }
                 if config.trace_messages {
                     tracing::info!(
                         target: "peerbus::trace",
@@ -358,7 +391,7 @@ async fn hello(
                             "this node requires a token (--auth-token / PEERBUS_TOKEN)",
                         ));
                     }
-                    Some(t) if &t != expected => {
+                    Some(t) if !peerbus_proto::same_secret(t.as_bytes(), expected.as_bytes()) => {
                         return Err(WireError::new(
                             ErrorCode::Unauthorized,
                             "wrong token: it does not match this node's --auth-token",

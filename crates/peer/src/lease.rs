@@ -173,7 +173,12 @@ async fn announce(node: &Node, conn: &Connection, auth: &PeerAuth) -> Result<(),
                 };
                 if let Err(e) = conn.request(one, false).await {
                     if e.code() == Some(ErrorCode::Exists) {
-                        tracing::error!("topic '{t}' is kept here but not offered: {e}");
+                        // Another peer hosts it now: serving this copy too would split the
+                        // topic in two. Its data stays on disk, unserved.
+                        node.fence(&t);
+                        tracing::error!(
+                            "topic '{t}' is kept on disk here but no longer served: {e}"
+                        );
                     } else {
                         return Err(e);
                     }

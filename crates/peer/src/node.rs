@@ -75,7 +75,14 @@ pub(crate) struct Node {
     /// What bounds fetches into the share.
     pub fetch_limits: FetchLimits,
     /// Following subscriptions by (connection, subscription id), to stop them on request.
-    follows: Mutex<HashMap<(u64, u64), CancellationToken>>,
+    follows: Mutex<BTreeMap<(u64, u64), CancellationToken>>,
+    /// Bytes of publishes queued for storage and not yet durable, for the whole node: a
+    /// publisher waits (and its connection stops being read) while the disk is behind.
+    write_budget: Arc<tokio::sync::Semaphore>,
+    /// Held by topic creation and deletion from their claim or withdrawal at the index to
+    /// their write, so a create cannot slip between a delete's write and its late
+    /// withdrawal (which would remove the new topic's entry at the index).
+    directory: tokio::sync::Mutex<()>,
     next_topic_id: Mutex<u64>,
     /// What the tails of all hosted topics hold in memory together.
     tails: TailBudget,
@@ -166,7 +173,9 @@ impl Node {
             share,
             next_download: AtomicU64::new(0),
             fetch_limits: FetchLimits::new(),
-            follows: Mutex::new(HashMap::new()),
+            follows: Mutex::new(BTreeMap::new()),
+            write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_BUDGET)),
+            directory: tokio::sync::Mutex::new(()),
             next_topic_id: Mutex::new(next_topic_id.max(max_id + 1)),
             tails,
             config,
@@ -213,6 +222,21 @@ impl Node {
         v
     }
 
+    /// Stops serving `name`, which the index says another peer hosts now: requests for it
+    /// are forwarded to that host (or answered `NotHost`), so a client with a stale
+    /// location cannot get acknowledgements here that the host's readers never see. The
+    /// data stays on disk; a restart loads it and the index is asked again.
+    pub fn fence(&self, name: &str) {
+        let fenced = self.topics.lock().expect("topics lock").remove(name);
+        if let Some(t) = fenced {
+            // Under the topic lock, as a deletion: no append or commit lands after this,
+            // and followers end. Unlike a deletion, nothing is removed from the store.
+            let _st = t.state.lock().expect("topic lock");
+            t.fenced.store(true, Ordering::Release);
+            t.deleted.cancel();
+        }
+    }
+
     fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.lock().expect("topics lock").get(name).cloned()
     }
@@ -252,6 +276,15 @@ impl Node {
             }
             _ => self.writer.submit_detached(ops),
         }
+    }
+
+    /// How many following subscriptions connection `conn` holds.
+    fn follows_of(&self, conn: u64) -> usize {
+        self.follows
+            .lock()
+            .expect("follows lock")
+            .range((conn, 0)..=(conn, u64::MAX))
+            .count()
     }
 
     /// `count` fresh topic ids, and the op that records them as used; stored with the
@@ -417,6 +450,8 @@ impl Node {
         retention: Retention,
     ) -> Result<Response, WireError> {
         peerbus_proto::validate_topic(&topic)?;
+        retention.validate()?;
+        let _directory = self.directory.lock().await;
         if self.topic(&topic).is_some() {
             return Err(WireError::new(
                 ErrorCode::Exists,
@@ -493,6 +528,7 @@ impl Node {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<Response, WireError> {
+        let _directory = self.directory.lock().await;
         let t = self
             .topics
             .lock()
@@ -571,6 +607,16 @@ impl Node {
                 format!(
                     "message of {big} bytes is over the {} byte limit",
                     peerbus_proto::DEFAULT_MAX_PAYLOAD
+                ),
+            ));
+        }
+        if batch.len() > peerbus_proto::MAX_BATCH_MESSAGES {
+            return Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a publish of {} messages is over the {} message limit",
+                    batch.len(),
+                    peerbus_proto::MAX_BATCH_MESSAGES
                 ),
             ));
         }
@@ -1003,6 +1049,13 @@ impl Appended {
     }
 }
 
+/// Following subscriptions one connection may hold on a peer.
+pub const MAX_FOLLOWS_PER_CONNECTION: usize = 1024;
+
+/// Bytes of publishes a peer holds between their arrival and their fsync, across all
+/// connections.
+const WRITE_BUDGET: usize = 256 << 20;
+
 /// The topic a topic request names, looked up before dispatch. Every request with a
 /// [`Request::hosted_topic`] that reaches a handler had its topic found.
 fn hosted_topic(hosted: Option<Arc<Topic>>) -> Arc<Topic> {
@@ -1016,6 +1069,14 @@ pub(crate) struct PeerService {
 }
 
 impl Service for PeerService {
+    fn cost(&self, req: &Request, frame_len: usize) -> usize {
+        match req {
+            // The piece is read into memory and held until the answer is queued.
+            Request::ReadPiece { .. } => frame_len.max(peerbus_client::tree::PIECE_LEN as usize),
+            _ => frame_len,
+        }
+    }
+
     async fn handle(self: &Arc<Self>, conn: &Arc<ConnCtx>, id: u32, forward: bool, req: Request) {
         let node = &self.node;
         // A name that can never exist is refused before any lookup or forward, so the
@@ -1080,7 +1141,15 @@ impl Service for PeerService {
                             let start = set.first_offset;
                             let r = loop {
                                 if *rx.borrow_and_update() > start {
-                                    break node.pull_now(&t, &subscriber, max, None);
+                                    // The read waits for outbox room below: hold a read slot.
+                                    let slot = tokio::select! {
+                                        s = conn.read_slot() => s,
+                                        _ = conn.closed.cancelled() => return,
+                                    };
+                                    let r = node.pull_now(&t, &subscriber, max, None);
+                                    conn.reply(id, r.map(Response::Messages)).await;
+                                    drop(slot);
+                                    return;
                                 }
                                 tokio::select! {
                                     c = rx.changed() => if c.is_err() { break Ok(set.clone()) },
@@ -1099,6 +1168,18 @@ impl Service for PeerService {
             }
             Request::Subscribe(s) => {
                 let t = hosted_topic(hosted);
+                if s.follow.is_some() && node.follows_of(conn.id) >= MAX_FOLLOWS_PER_CONNECTION {
+                    let e = WireError::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "this connection follows {MAX_FOLLOWS_PER_CONNECTION} subscriptions \
+                             on peer {} already; stop one or use another connection",
+                            node.name
+                        ),
+                    );
+                    conn.reply(id, Err(e)).await;
+                    return;
+                }
                 match node.subscribe(&t, &s) {
                     Ok(pos) => {
                         conn.reply(id, Ok(Response::Subscribed { next_offset: pos }))
@@ -1319,6 +1400,17 @@ async fn publish(
     batch: Batch,
     producer: Option<(u64, u64)>,
 ) {
+    // Held until the batch is durable: with the disk behind, publishers wait here (and
+    // their connections stop being read) instead of queueing without limit.
+    let held = if node.sync() || matches!(node.config.durability, Durability::Os) {
+        let cost = batch_cost(&batch).clamp(1, WRITE_BUDGET) as u32;
+        match node.write_budget.clone().acquire_many_owned(cost).await {
+            Ok(p) => Some(p),
+            Err(_) => unreachable!("the write budget is never closed"),
+        }
+    } else {
+        None
+    };
     match node.append(&t, batch, producer) {
         Ok(appended) if appended.is_stored() => {
             // Stored already (memory mode): answering here saves a task switch.
@@ -1329,13 +1421,25 @@ async fn publish(
             let (node, conn) = (node.clone(), conn.clone());
             tokio::spawn(async move {
                 let r = appended.finish(&node, &t, &conn).await;
+                drop(held);
                 conn.reply(id, r).await;
             });
         }
         Err(e) => {
+            drop(held);
             conn.reply(id, Err(e)).await;
         }
     }
+}
+
+/// What a batch costs the write budget: its payloads and a fixed amount per message for
+/// what every message takes beside its payload (lengths, timestamps, retention entries).
+fn batch_cost(batch: &Batch) -> usize {
+    batch.data.len().saturating_add(
+        batch
+            .len()
+            .saturating_mul(crate::retention::MESSAGE_OVERHEAD as usize),
+    )
 }
 
 /// Streams a topic to a connection from `pos`, committing as it goes, until stopped, the
@@ -1352,10 +1456,20 @@ async fn follow(
 ) {
     let ended = |reason: WireError| ServerFrame::SubscriptionEnded { sub, reason };
     let deleted = || {
-        ended(WireError::new(
-            ErrorCode::NotFound,
-            format!("topic '{}' was deleted", t.name),
-        ))
+        ended(if t.fenced.load(Ordering::Acquire) {
+            WireError::new(
+                ErrorCode::NotHost,
+                format!(
+                    "peer {} no longer hosts topic '{}': another peer does",
+                    node.name, t.name
+                ),
+            )
+        } else {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("topic '{}' was deleted", t.name),
+            )
+        })
     };
     let mut durable = t.durable.subscribe();
     loop {
@@ -1374,6 +1488,13 @@ async fn follow(
             continue;
         }
         if pos < hw {
+            // A read waits for outbox room before it is queued: hold one of the
+            // connection's few read slots meanwhile, so a client that stops reading keeps at
+            // most that many reads in memory however many subscriptions it follows.
+            let slot = tokio::select! {
+                s = conn.read_slot() => s,
+                _ = stop.cancelled() => return,
+            };
             match node.read(&t, pos, MAX_READ_MESSAGES) {
                 Ok(set) if !set.is_empty() => {
                     pos = set.next_offset();
@@ -1384,6 +1505,7 @@ async fn follow(
                         ok = conn.send(frame) => if !ok { return },
                         _ = stop.cancelled() => return,
                     }
+                    drop(slot);
                     continue;
                 }
                 Ok(set) => {
@@ -1518,6 +1640,8 @@ impl Node {
         for t in &topics {
             peerbus_proto::validate_topic(t)?;
         }
+        retention.validate()?;
+        let _directory = self.directory.lock().await;
         topics.sort_unstable();
         if let Some(w) = topics.windows(2).find(|w| w[0] == w[1]) {
             return Err(WireError::new(

@@ -5,6 +5,11 @@ use std::collections::VecDeque;
 
 use peerbus_proto::Retention;
 
+/// What every message costs beside its payload (its retention entry, its length in the
+/// stored record and the tail, its timestamp), charged against byte limits so that tiny
+/// and empty messages are bounded too.
+pub const MESSAGE_OVERHEAD: u64 = 32;
+
 /// Size and time of every retained message, oldest first, so limits can be checked without
 /// reading the log.
 #[derive(Debug, Default, Clone)]
@@ -39,6 +44,12 @@ impl Retained {
         self.bytes
     }
 
+    /// What the retained messages count against a byte limit: payloads plus
+    /// [`MESSAGE_OVERHEAD`] each.
+    pub fn charged(&self) -> u64 {
+        self.bytes + self.entries.len() as u64 * MESSAGE_OVERHEAD
+    }
+
     /// Records the next message.
     pub fn push(&mut self, size: u32, timestamp_ms: u64) {
         self.entries.push_back((size, timestamp_ms));
@@ -64,16 +75,17 @@ impl Retained {
         if let Some(max) = policy.max_messages {
             keep_from = keep_from.max(next.saturating_sub(max));
         }
+        let charged = self.charged();
         if let Some(max) = policy.max_bytes
-            && self.bytes > max
+            && charged > max
         {
-            let mut excess = self.bytes - max;
+            let mut excess = charged - max;
             let mut off = self.low;
             for &(size, _) in &self.entries {
                 if excess == 0 {
                     break;
                 }
-                excess = excess.saturating_sub(u64::from(size));
+                excess = excess.saturating_sub(u64::from(size) + MESSAGE_OVERHEAD);
                 off += 1;
             }
             keep_from = keep_from.max(off);
@@ -151,13 +163,24 @@ mod tests {
 
     #[test]
     fn byte_limit_drops_just_enough() {
-        let r = filled(10, 10, 1); // 100 bytes
+        let r = filled(10, 10, 1); // 100 bytes of payload, 10 + 32 charged each
         let p = Retention {
-            max_bytes: Some(35),
+            max_bytes: Some(130),
             ..policy()
         };
-        // 100 - 35 = 65 bytes too many: drop 7 messages (70 bytes), keep 30.
+        // 420 - 130 = 290 bytes too many: drop 7 messages (294), keep 126.
         assert_eq!(r.cutoff(&p, 0, None), 7);
+        assert_eq!(r.bytes(), 100);
+    }
+
+    #[test]
+    fn empty_messages_count_against_the_byte_limit() {
+        let r = filled(1000, 0, 1);
+        let p = Retention {
+            max_bytes: Some(10 * MESSAGE_OVERHEAD),
+            ..policy()
+        };
+        assert_eq!(r.cutoff(&p, 0, None), 990);
     }
 
     #[test]

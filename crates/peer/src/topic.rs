@@ -23,6 +23,9 @@ pub(crate) struct Topic {
     pub durable: watch::Sender<u64>,
     /// Cancelled when the topic is deleted, ending its followers.
     pub deleted: CancellationToken,
+    /// Set before `deleted` when the topic was not deleted but is no longer served here
+    /// (the index gave it to another peer): what ends its followers is then "not here".
+    pub fenced: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -126,7 +129,7 @@ impl Tail {
         {
             self.clear();
         }
-        let len = batch.data.len();
+        let len = tail_cost(&batch);
         while !self.batches.is_empty() && self.budget.used() + len > self.limit {
             self.pop_oldest();
         }
@@ -148,7 +151,7 @@ impl Tail {
 
     fn pop_oldest(&mut self) {
         if let Some(old) = self.batches.pop_front() {
-            let len = old.batch.data.len();
+            let len = tail_cost(&old.batch);
             self.bytes -= len;
             self.budget.0.fetch_sub(len, Ordering::Relaxed);
         }
@@ -300,6 +303,7 @@ impl Topic {
             }),
             durable: watch::Sender::new(next),
             deleted: CancellationToken::new(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -319,6 +323,12 @@ impl Topic {
     pub fn high_watermark(&self) -> u64 {
         *self.durable.borrow()
     }
+}
+
+/// What a batch counts against the tail budgets: payloads plus a fixed amount per message,
+/// so batches of empty messages are evicted too.
+fn tail_cost(batch: &Batch) -> usize {
+    batch.data.len() + batch.len() * crate::retention::MESSAGE_OVERHEAD as usize
 }
 
 impl TopicState {
@@ -409,35 +419,46 @@ mod tests {
         t.push(20, 3, Batch::from_payloads([b"x".as_slice()]));
         assert!(t.read("t", 10, 21, 10).is_none());
         assert_eq!(t.read("t", 20, 21, 10).unwrap().len(), 1);
+        // Empty messages are not free: enough of them evict older batches too.
+        let empties = Batch::from_payloads(vec![b"".as_slice(); TAIL_BYTES / 32 + 1]);
+        t.push(21, 4, empties.clone());
+        t.push(21 + empties.len() as u64, 4, empties.clone());
+        assert!(
+            t.read("t", 20, 21, 10).is_none(),
+            "the empty batches pushed it out"
+        );
         // The byte budget keeps at least the newest batch.
         let big = vec![0u8; TAIL_BYTES];
-        t.push(21, 4, Batch::from_payloads([big.as_slice()]));
-        t.push(22, 5, Batch::from_payloads([big.as_slice()]));
-        assert!(t.read("t", 21, 23, 10).is_none());
-        assert_eq!(t.read("t", 22, 23, 10).unwrap().len(), 1);
+        let at = 21 + 2 * empties.len() as u64;
+        t.push(at, 4, Batch::from_payloads([big.as_slice()]));
+        t.push(at + 1, 5, Batch::from_payloads([big.as_slice()]));
+        assert!(t.read("t", at, at + 2, 10).is_none());
+        assert_eq!(t.read("t", at + 1, at + 2, 10).unwrap().len(), 1);
     }
 
     #[test]
     fn tails_of_all_topics_stay_within_the_node_budget() {
         let budget = TailBudget::default();
-        let limit = 10;
+        // Each one-message batch costs its payload plus the per-message overhead.
+        let o = crate::retention::MESSAGE_OVERHEAD as usize;
+        let limit = 2 * o + 10;
         let mut a = Tail::new(budget.clone(), limit);
         let mut b = Tail::new(budget.clone(), limit);
         a.push(0, 1, Batch::from_payloads([[0u8; 6].as_slice()]));
-        assert_eq!(budget.used(), 6);
+        assert_eq!(budget.used(), 6 + o);
         // b can't fit beside a, and a holds nothing b could give up: b keeps nothing.
         b.push(0, 1, Batch::from_payloads([[0u8; 6].as_slice()]));
-        assert_eq!(budget.used(), 6);
+        assert_eq!(budget.used(), 6 + o);
         assert!(b.read("b", 0, 1, 10).is_none());
         // a gives up its own older batch to make room for its newer one.
         a.push(1, 2, Batch::from_payloads([[0u8; 6].as_slice()]));
-        assert_eq!(budget.used(), 6);
+        assert_eq!(budget.used(), 6 + o);
         assert!(a.read("a", 0, 2, 10).is_none());
         assert_eq!(a.read("a", 1, 2, 10).unwrap().len(), 1);
         drop(a);
         assert_eq!(budget.used(), 0);
         b.push(1, 2, Batch::from_payloads([[0u8; 4].as_slice()]));
-        assert_eq!(budget.used(), 4);
+        assert_eq!(budget.used(), 4 + o);
         b.clear();
         assert_eq!(budget.used(), 0);
     }

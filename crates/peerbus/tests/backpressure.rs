@@ -171,3 +171,103 @@ async fn stalled_subscriber_bounds_peer_memory_and_then_receives_everything() {
         RSS_BOUND >> 20
     );
 }
+
+/// Piece requests pipelined by a client that reads nothing meanwhile: each asks the peer to
+/// read a megabyte. The peer must stop reading that connection once its in-flight budget is
+/// used, instead of reading every piece into memory, and then answer every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_piece_requests_do_not_grow_peer_memory() {
+    use peerbus_proto::{
+        ClientFrame, FrameCodec, PROTOCOL, Request, Response, ServerFrame, decode_server,
+        encode_frame,
+    };
+    use tokio::io::AsyncWriteExt;
+
+    const REQUESTS: u32 = 2000;
+    const BOUND: u64 = 384 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    let piece: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(share.join("one.bin"), &piece).unwrap();
+    let index = spawn([
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "off",
+        "--in-memory",
+    ]);
+    let peer = spawn(
+        [
+            "--index",
+            &index.addr,
+            "peer",
+            "--listen",
+            "127.0.0.1:0",
+            "--in-memory",
+            "--share",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([share.display().to_string()]),
+    );
+    let hash = Client::new(index.addr.clone())
+        .peer_files(&peer.addr, "")
+        .await
+        .unwrap()[0]
+        .hash
+        .clone();
+
+    let stream = tokio::net::TcpStream::connect(&peer.addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut frames = tokio_util::codec::FramedRead::new(r, FrameCodec::default());
+    let mut buf = BytesMut::new();
+    encode_frame(
+        &ClientFrame::Hello {
+            protocol: PROTOCOL.into(),
+            token: None,
+        },
+        &mut buf,
+    )
+    .unwrap();
+    for id in 0..REQUESTS {
+        encode_frame(
+            &ClientFrame::Request {
+                id,
+                forward: false,
+                body: Request::ReadPiece {
+                    hash: hash.clone(),
+                    index: 0,
+                },
+            },
+            &mut buf,
+        )
+        .unwrap();
+    }
+    // Written from a task: once the peer stops reading, this write waits on TCP.
+    let writer = tokio::spawn(async move { w.write_all(&buf).await.map(|()| w) });
+    let mut answered = 0;
+    while answered < REQUESTS {
+        let frame = tokio::time::timeout(Duration::from_secs(60), frames.next())
+            .await
+            .expect("the peer stopped answering")
+            .expect("the peer closed the connection")
+            .unwrap();
+        match decode_server(&frame).unwrap() {
+            ServerFrame::Response { body, .. } => {
+                assert!(matches!(body, Ok(Response::Piece(p)) if p.len() == piece.len()));
+                answered += 1;
+            }
+            ServerFrame::Welcome { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(writer.await.unwrap().unwrap());
+    let peak = peak_rss(peer.child.id());
+    assert!(
+        peak < BOUND,
+        "the peer peaked at {} MiB answering {REQUESTS} pipelined 1 MiB piece requests",
+        peak >> 20
+    );
+}

@@ -12,6 +12,10 @@ pub const FRAME_HEADER: usize = 4;
 /// Default largest frame body: room for an 8 MiB payload plus the request around it.
 pub const DEFAULT_MAX_FRAME: usize = crate::DEFAULT_MAX_PAYLOAD + 64 * 1024;
 
+/// Largest frame a server reads before a connection's hello is accepted: a hello is a
+/// protocol name and a token, so nothing unauthenticated makes a node buffer more.
+pub const MAX_HELLO_FRAME: usize = 4096;
+
 /// Why bytes could not be read as a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -55,6 +59,11 @@ impl FrameCodec {
     /// A codec that refuses bodies longer than `max` bytes.
     pub fn new(max: usize) -> Self {
         FrameCodec { max }
+    }
+
+    /// Changes the limit for frames not yet read (a server raises it after the hello).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 }
 

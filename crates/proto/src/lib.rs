@@ -15,8 +15,8 @@ mod names;
 pub mod pool;
 
 pub use codec::{
-    CodecError, DEFAULT_MAX_FRAME, FRAME_HEADER, FrameCodec, decode_client, decode_server,
-    encode_frame,
+    CodecError, DEFAULT_MAX_FRAME, FRAME_HEADER, FrameCodec, MAX_HELLO_FRAME, decode_client,
+    decode_server, encode_frame,
 };
 pub use message::*;
 pub use names::{NameError, validate_peer_name, validate_subscriber, validate_topic};
@@ -24,5 +24,35 @@ pub use names::{NameError, validate_peer_name, validate_subscriber, validate_top
 /// The protocol string a client sends in its hello; servers refuse any other.
 pub const PROTOCOL: &str = "peerbus/1";
 
+/// Messages one publish may carry: a bound on what a batch of tiny or empty messages costs
+/// a host beside its payload (lengths, timestamps, retention entries).
+pub const MAX_BATCH_MESSAGES: usize = 1 << 18;
+
 /// The largest payload a single message may carry by default (8 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 8 * 1024 * 1024;
+
+/// Compares secrets (tokens, cookies) in time that depends only on their lengths, so a
+/// client cannot find one byte by byte from how fast wrong guesses are refused.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(same_secret(b"token", b"token"));
+        assert!(same_secret(b"", b""));
+        assert!(!same_secret(b"token", b"tokem"));
+        assert!(!same_secret(b"token", b"token2"));
+        assert!(!same_secret(b"token", b""));
+    }
+}

@@ -439,6 +439,40 @@ impl Default for Retention {
     }
 }
 
+/// The smallest byte limit a topic may have: below it, a publish of one ordinary message
+/// would be acknowledged and deleted in the same write.
+pub const MIN_RETENTION_BYTES: u64 = 1024;
+
+impl Retention {
+    /// Refuses limits under which a publish would be acknowledged and deleted at once.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = |what: String| Err(WireError::new(ErrorCode::BadRequest, what));
+        if self.max_messages == Some(0) {
+            return bad(
+                "retention of 0 messages would delete every message as it is stored; keep \
+                 at least 1"
+                    .into(),
+            );
+        }
+        if let Some(b) = self.max_bytes
+            && b < MIN_RETENTION_BYTES
+        {
+            return bad(format!(
+                "retention of {b} bytes would delete messages as they are stored; keep at \
+                 least {MIN_RETENTION_BYTES}"
+            ));
+        }
+        if self.max_age_secs == Some(0) {
+            return bad(
+                "retention of 0 seconds would delete every message as it is stored; keep \
+                 messages at least 1 s"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Payloads packed into one buffer: `data` holds them back to back, `lens` their lengths.
 /// Decoding copies the buffer out of the read buffer once per batch; single payloads are
 /// then cheap slices of it.

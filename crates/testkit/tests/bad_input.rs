@@ -453,3 +453,61 @@ async fn a_seek_racing_retention_ahead_of_durability_does_not_wedge_the_topic() 
         .unwrap();
     still_serving(&cluster, "reader").await;
 }
+
+/// Before its hello is accepted a connection may send only a small frame: nothing
+/// unauthenticated makes a node reserve megabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_frame_before_the_hello_is_refused() {
+    let cluster = cluster(None).await;
+    for addr in [cluster.peer_addr(0), cluster.index_addr()] {
+        let mut raw = Raw::connect(&addr).await;
+        raw.bytes(&(1u32 << 20).to_be_bytes()).await;
+        let e = raw.refused().await;
+        assert_error(
+            &e,
+            ErrorCode::TooLarge,
+            "frame of 1048576 bytes is over the 4096 byte limit",
+        );
+        raw.closed().await;
+    }
+    still_serving(&cluster, "reader").await;
+}
+
+/// Retention under which a publish would be acknowledged and deleted in the same write is
+/// refused when the topic is created, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_that_deletes_on_arrival_is_refused() {
+    let cluster = cluster(None).await;
+    let c = cluster.client();
+    for (retention, needle) in [
+        (
+            Retention {
+                max_messages: Some(0),
+                ..Retention::default()
+            },
+            "retention of 0 messages would delete every message as it is stored",
+        ),
+        (
+            Retention {
+                max_bytes: Some(10),
+                ..Retention::default()
+            },
+            "retention of 10 bytes would delete messages as they are stored; keep at least 1024",
+        ),
+        (
+            Retention {
+                max_age_secs: Some(0),
+                ..Retention::default()
+            },
+            "retention of 0 seconds",
+        ),
+    ] {
+        for peer in [Some("peer1"), None] {
+            let e = c.create_topic("doomed", peer, retention).await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
+    assert!(c.lookup("doomed").await.is_err(), "nothing was created");
+    still_serving(&cluster, "reader").await;
+}
