@@ -249,7 +249,10 @@ async fn still_serves(addr: SocketAddr, what: &str) {
             Some(Ok(Response::Pong)) => {}
             _ => return Err("no pong"),
         }
-        match c.ask(Request::ListTopics { prefix: None }).await {
+        match c.ask(Request::ListTopics {
+            prefix: None,
+            after: None,
+        }).await {
             Some(Ok(Response::Topics(_))) => Ok(()),
             _ => Err("list topics failed"),
         }
@@ -371,7 +374,7 @@ fn small_u64(u: &mut Unstructured) -> Result<u64> {
 }
 
 fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
-    Ok(match u.int_in_range(0..=31u8)? {
+    Ok(match u.int_in_range(0..=33u8)? {
         0 => Request::Ping,
         1 => Request::Register(RegisterPeer {
             name: peer_name(u, h)?,
@@ -403,6 +406,11 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
         8 => Request::ListTopics {
             prefix: if bool::arbitrary(u)? {
                 Some(pick(u, &["fz", "fz.", ""])?)
+            } else {
+                None
+            },
+            after: if bool::arbitrary(u)? {
+                Some(pick(u, &["fz.a", "fz", "zz", ""])?)
             } else {
                 None
             },
@@ -510,6 +518,18 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
             producer: u.int_in_range(0..=3)?,
             sequence: small_u64(u)?,
         },
+        32 => Request::SyncTopics {
+            auth: auth(u)?,
+            generation: u.int_in_range(0..=2)?,
+            topics: vec![topic(u)?, topic(u)?],
+            last: bool::arbitrary(u)?,
+        },
+        33 => Request::SyncFiles {
+            auth: auth(u)?,
+            generation: u.int_in_range(0..=2)?,
+            files: Vec::new(),
+            last: bool::arbitrary(u)?,
+        },
         31 => Request::Ack {
             topic: topic(u)?,
             subscriber: subscriber(u)?,
@@ -563,6 +583,8 @@ fn every_request_kind_is_generated(r: &Request) -> u8 {
         Request::PublishIdempotent { .. } => 29,
         Request::CreateTopics { .. } => 30,
         Request::Ack { .. } => 31,
+        Request::SyncTopics { .. } => 32,
+        Request::SyncFiles { .. } => 33,
     }
 }
 

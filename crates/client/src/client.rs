@@ -216,11 +216,34 @@ impl Client {
             .remove(topic);
     }
 
-    /// Topics offered by live peers, optionally only names starting with `prefix`.
+    /// Topics offered by live peers, optionally only names starting with `prefix`, in name
+    /// order. Asks page after page; [`Client::list_topics_page`] lets a caller handle one
+    /// page at a time instead of holding them all.
     pub async fn list_topics(&self, prefix: Option<&str>) -> Result<Vec<TopicLocation>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.list_topics_page(prefix, after.as_deref()).await?;
+            let done = page.len() < peerbus_proto::LIST_PAGE;
+            after = page.last().map(|t| t.topic.clone());
+            all.extend(page);
+            if done || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of [`Client::list_topics`]: at most [`peerbus_proto::LIST_PAGE`] topics
+    /// after `after`; a full page may be followed by more.
+    pub async fn list_topics_page(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+    ) -> Result<Vec<TopicLocation>> {
         match self
             .index_request(Request::ListTopics {
                 prefix: prefix.map(str::to_string),
+                after: after.map(str::to_string),
             })
             .await?
         {

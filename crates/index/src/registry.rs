@@ -268,7 +268,11 @@ pub(crate) struct Registry {
     /// expiry withdraw them), so finding a file's holders by hash is one lookup however
     /// many files there are; searching by name scans.
     files: HashMap<String, BTreeMap<u64, FileEntry>>,
+    /// Chunked topic and file syncs under way, by peer id.
+    syncs: HashMap<u64, sync::Passes>,
 }
+
+mod sync;
 
 fn unauthorized(id: u64) -> WireError {
     WireError::new(
@@ -353,6 +357,7 @@ impl Registry {
             leases: BTreeSet::new(),
             directory: BTreeMap::new(),
             files: HashMap::new(),
+            syncs: HashMap::new(),
         }
     }
 
@@ -766,15 +771,19 @@ impl Registry {
     }
 
     /// Topics of live peers starting with `prefix`, in name order.
-    pub fn list_topics(&self, prefix: Option<&str>) -> Vec<TopicLocation> {
+    /// One page of the topics starting with `prefix`, after `after`, in name order: at
+    /// most [`peerbus_proto::LIST_PAGE`].
+    pub fn list_topics(&self, prefix: Option<&str>, after: Option<&str>) -> Vec<TopicLocation> {
         let prefix = prefix.unwrap_or("");
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
         self.directory
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
             .take_while(|(t, _)| t.starts_with(prefix))
             .filter_map(|(t, &id)| self.location(t, id))
+            .take(peerbus_proto::LIST_PAGE)
             .collect()
     }
 
@@ -1143,10 +1152,10 @@ impl Registry {
 mod tests {
     use super::*;
 
-    const TTL: u64 = 30_000;
+    pub(super) const TTL: u64 = 30_000;
     const DAY: u64 = 24 * 60 * 60 * 1000;
     /// Some time well after the epoch, so subtracting 30 days cannot underflow.
-    const T0: u64 = 1_700_000_000_000;
+    pub(super) const T0: u64 = 1_700_000_000_000;
 
     fn req(name: &str, previous: Option<PeerAuth>) -> RegisterPeer {
         RegisterPeer {
@@ -1161,7 +1170,7 @@ mod tests {
         format!("{n:032x}")
     }
 
-    fn register(reg: &mut Registry, name: &str, now: u64) -> PeerAuth {
+    pub(super) fn register(reg: &mut Registry, name: &str, now: u64) -> PeerAuth {
         let (r, _) = reg
             .register(&req(name, None), cookie(name.len() as u8), now)
             .expect("register");
@@ -1171,7 +1180,7 @@ mod tests {
         }
     }
 
-    fn set(names: &[&str]) -> TopicSet {
+    pub(super) fn set(names: &[&str]) -> TopicSet {
         TopicSet::new(topics(names)).expect("valid names")
     }
 
@@ -1412,7 +1421,7 @@ mod tests {
         );
         assert_eq!(changes.len(), 3);
         assert!(reg.lookup("x").is_err());
-        assert!(reg.list_topics(None).is_empty());
+        assert!(reg.list_topics(None, None).is_empty());
         assert!(!peer_info(&reg, 1, T0).active);
         // Nothing is left to expire, and leaving again changes nothing.
         assert!(reg.expire(T0 + TTL).0.is_empty());
@@ -1457,11 +1466,15 @@ mod tests {
         assert_eq!(diff.added, topics(&["k5"]));
         assert_eq!(diff.removed, topics(&["k1", "k3", "k4"]));
         assert_eq!(changes.len(), 4);
-        let listed: Vec<String> = reg.list_topics(None).into_iter().map(|l| l.topic).collect();
+        let listed: Vec<String> = reg
+            .list_topics(None, None)
+            .into_iter()
+            .map(|l| l.topic)
+            .collect();
         assert_eq!(listed, topics(&["k2", "k5"]));
         let (diff, _) = reg.announce(&a, &set(&[]), true).unwrap();
         assert_eq!(diff.removed, topics(&["k2", "k5"]));
-        assert!(reg.list_topics(None).is_empty());
+        assert!(reg.list_topics(None, None).is_empty());
     }
 
     #[test]
@@ -1488,7 +1501,10 @@ mod tests {
         )
         .unwrap();
         let names = |p: Option<&str>| -> Vec<String> {
-            reg.list_topics(p).into_iter().map(|l| l.topic).collect()
+            reg.list_topics(p, None)
+                .into_iter()
+                .map(|l| l.topic)
+                .collect()
         };
         assert_eq!(names(Some("news")), topics(&["news", "news.a", "news.b"]));
         assert_eq!(names(Some("zz")), Vec::<String>::new());
@@ -1496,7 +1512,7 @@ mod tests {
             names(None),
             topics(&["new", "news", "news.a", "news.b", "sport"])
         );
-        let loc = &reg.list_topics(Some("sport"))[0];
+        let loc = &reg.list_topics(Some("sport"), None)[0];
         assert_eq!(loc.addr, "a.example:7000");
         assert_eq!(loc.peer_id, 1);
     }
@@ -1925,7 +1941,7 @@ mod scale {
         let set = TopicSet::new(names).unwrap();
         reg.announce(&auth, &set, true).unwrap();
         assert_eq!(reg.counts(), (1, 100_000, 0));
-        let listed = reg.list_topics(Some("t01234"));
+        let listed = reg.list_topics(Some("t01234"), None);
         assert_eq!(listed.len(), 10);
         assert_eq!(listed[0].topic, "t012340");
         assert!(reg.lookup("t099999").is_ok());

@@ -360,9 +360,41 @@ impl IndexService {
             Request::LookupTopic { topic } => self
                 .read(|reg, _| reg.lookup(&topic))
                 .map(Response::Location),
-            Request::ListTopics { prefix } => Ok(Response::Topics(
-                self.read(|reg, _| reg.list_topics(prefix.as_deref())),
-            )),
+            Request::ListTopics { prefix, after } => {
+                Ok(Response::Topics(self.read(|reg, _| {
+                    reg.list_topics(prefix.as_deref(), after.as_deref())
+                })))
+            }
+            Request::SyncTopics {
+                auth,
+                generation,
+                topics,
+                last,
+            } => TopicSet::new(topics)
+                .and_then(|set| {
+                    self.change(|reg, _| reg.sync_topics(&auth, generation, &set, last))
+                })
+                .map(|diff| {
+                    Self::log_diff(&diff, auth.peer_id);
+                    Response::Ok
+                }),
+            Request::SyncFiles {
+                auth,
+                generation,
+                files,
+                last,
+            } => {
+                let listed = files.len();
+                FileSet::new(files)
+                    .and_then(|set| {
+                        self.change(|reg, _| reg.sync_files(&auth, generation, &set, last))
+                    })
+                    .map(|diff| {
+                        Self::log_files(&diff, auth.peer_id, Some(listed));
+                        self.changed.notify_one();
+                        Response::Ok
+                    })
+            }
             Request::CreateTopic {
                 topic,
                 retention,
@@ -614,6 +646,8 @@ impl Service for IndexService {
                 | Request::WithdrawTopics { .. }
                 | Request::RegisterFiles { .. }
                 | Request::UnregisterFiles { .. }
+                | Request::SyncTopics { .. }
+                | Request::SyncFiles { .. }
         );
         let Answer::Now(result) = self.answer(conn, id, req).await else {
             return;

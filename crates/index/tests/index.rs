@@ -198,6 +198,7 @@ async fn register_announce_lookup_and_list() -> Result<()> {
         .request(
             Request::ListTopics {
                 prefix: Some("news".into()),
+                after: None,
             },
             false,
         )

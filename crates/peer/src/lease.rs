@@ -139,60 +139,65 @@ async fn register(node: &Node, conn: &Connection) -> Result<(PeerAuth, Duration)
     }
 }
 
+/// A number for one sync pass, different from the last one's.
+fn generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Tells the index every topic this peer hosts, in chunks of
+/// [`peerbus_proto::SYNC_TOPICS_CHUNK`], so a peer hosting a million topics still fits every
+/// message in a frame. The last chunk makes the index drop what this peer no longer hosts.
+/// A topic the index gives to another peer meanwhile is fenced here: kept on disk, not
+/// served.
 async fn announce(node: &Node, conn: &Connection, auth: &PeerAuth) -> Result<(), ClientError> {
+    // No topic is created or deleted here while the pass runs, so its list stays true.
+    let _directory = node.directory.lock().await;
     let topics = node.topic_names();
-    let req = Request::AnnounceTopics {
+    let generation = generation();
+    let sync = |topics: Vec<String>, last: bool| Request::SyncTopics {
         auth: auth.clone(),
-        topics: topics.clone(),
-        replace: true,
+        generation,
+        topics,
+        last,
     };
-    match conn.request(req, false).await {
-        Ok(_) => {
-            if !topics.is_empty() {
-                tracing::info!("announced {} topics to the index", topics.len());
-            }
-            Ok(())
-        }
-        Err(e) if e.code() == Some(ErrorCode::Exists) => {
-            // Someone else took a topic while we were away: offer the rest one by one and
-            // keep the contested data locally, unoffered.
-            conn.request(
-                Request::AnnounceTopics {
-                    auth: auth.clone(),
-                    topics: Vec::new(),
-                    replace: true,
-                },
-                false,
-            )
-            .await?;
-            for t in topics {
-                let one = Request::AnnounceTopics {
-                    auth: auth.clone(),
-                    topics: vec![t.clone()],
-                    replace: false,
-                };
-                if let Err(e) = conn.request(one, false).await {
-                    if e.code() == Some(ErrorCode::Exists) {
-                        // Another peer hosts it now: serving this copy too would split the
-                        // topic in two. Its data stays on disk, unserved.
-                        node.fence(&t);
-                        tracing::error!(
-                            "topic '{t}' is kept on disk here but no longer served: {e}"
-                        );
-                    } else {
-                        return Err(e);
+    for chunk in topics.chunks(peerbus_proto::SYNC_TOPICS_CHUNK) {
+        match conn.request(sync(chunk.to_vec(), false), false).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::Exists) => {
+                // Someone else took a topic of this chunk while we were away: offer the
+                // chunk's topics one by one and fence the contested ones.
+                for t in chunk {
+                    if let Err(e) = conn.request(sync(vec![t.clone()], false), false).await {
+                        if e.code() == Some(ErrorCode::Exists) {
+                            // Another peer hosts it now: serving this copy too would split
+                            // the topic in two. Its data stays on disk, unserved.
+                            node.fence(t);
+                            tracing::error!(
+                                "topic '{t}' is kept on disk here but no longer served: {e}"
+                            );
+                        } else {
+                            return Err(e);
+                        }
                     }
                 }
             }
-            Ok(())
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
+    conn.request(sync(Vec::new(), true), false).await?;
+    if !topics.is_empty() {
+        tracing::info!("announced {} topics to the index", topics.len());
+    }
+    Ok(())
 }
 
-/// Offers the whole share to the index in one request, replacing whatever this peer offered
-/// before (files removed while it was away). Returns the share version sent. An index that
-/// does not take file lists is tolerated: topics still work.
+/// Offers the whole share to the index in chunks (at most
+/// [`peerbus_proto::SYNC_FILES_CHUNK`] files and about 4 MiB each), the last of which makes
+/// the index drop what this peer no longer offers (files removed while it was away).
+/// Returns the share version sent. An index that does not take file lists is tolerated:
+/// topics still work.
 async fn register_files(
     node: &Node,
     conn: &Connection,
@@ -204,13 +209,28 @@ async fn register_files(
         .map(|s| s.snapshot())
         .unwrap_or_default();
     let n = files.len();
-    let req = Request::RegisterFiles {
-        auth: auth.clone(),
-        files,
-        replace: true,
-    };
-    match conn.request(req, false).await {
-        Ok(_) => {
+    let generation = generation();
+    let mut chunks = file_chunks(files);
+    // At least one (empty) chunk, marked last, so an emptied share is emptied at the index.
+    if chunks.is_empty() {
+        chunks.push(Vec::new());
+    }
+    let count = chunks.len();
+    let mut result = Ok(());
+    for (i, files) in chunks.into_iter().enumerate() {
+        let req = Request::SyncFiles {
+            auth: auth.clone(),
+            generation,
+            files,
+            last: i + 1 == count,
+        };
+        if let Err(e) = conn.request(req, false).await {
+            result = Err(e);
+            break;
+        }
+    }
+    match result {
+        Ok(()) => {
             if n > 0 {
                 tracing::info!("registered {n} files with the index");
             }
@@ -230,4 +250,60 @@ async fn register_files(
         Err(e) => return Err(e),
     }
     Ok(version)
+}
+
+/// Bytes of file entries one sync chunk carries at most, well under the frame limit.
+const SYNC_FILES_BYTES: usize = 4 << 20;
+
+/// `files` cut into sync chunks by count and by size (names may be long).
+fn file_chunks(files: Vec<peerbus_proto::FileEntry>) -> Vec<Vec<peerbus_proto::FileEntry>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for f in files {
+        let size = f.name.len() + f.hash.len() + 16;
+        if !chunk.is_empty()
+            && (chunk.len() == peerbus_proto::SYNC_FILES_CHUNK || bytes + size > SYNC_FILES_BYTES)
+        {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(f);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_chunks_stay_under_the_count_and_the_size() {
+        let entry = |i: usize, len: usize| peerbus_proto::FileEntry {
+            name: format!("{i:0len$}"),
+            hash: "a".repeat(64),
+            size: 1,
+        };
+        let many: Vec<_> = (0..10_000).map(|i| entry(i, 8)).collect();
+        let chunks = file_chunks(many);
+        assert_eq!(chunks.len(), 3);
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.len() <= peerbus_proto::SYNC_FILES_CHUNK)
+        );
+        let long: Vec<_> = (0..3000).map(|i| entry(i, 4000)).collect();
+        let chunks = file_chunks(long);
+        assert!(
+            chunks.iter().all(|c| {
+                c.iter().map(|f| f.name.len() + 80).sum::<usize>() <= SYNC_FILES_BYTES
+            })
+        );
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 3000);
+        assert!(file_chunks(Vec::new()).is_empty());
+    }
 }

@@ -82,7 +82,7 @@ pub(crate) struct Node {
     /// Held by topic creation and deletion from their claim or withdrawal at the index to
     /// their write, so a create cannot slip between a delete's write and its late
     /// withdrawal (which would remove the new topic's entry at the index).
-    directory: tokio::sync::Mutex<()>,
+    pub directory: tokio::sync::Mutex<()>,
     next_topic_id: Mutex<u64>,
     /// What the tails of all hosted topics hold in memory together.
     tails: TailBudget,

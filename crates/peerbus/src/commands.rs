@@ -95,12 +95,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Topic(TopicCommand::List { prefix }) => {
-            for t in client.list_topics(prefix.as_deref()).await? {
-                if json {
-                    print_location(&mut out, &t)?;
-                } else {
-                    writeln!(out, "{}\t{}\t{}", t.topic, t.peer_name, t.addr)?;
+            // Page by page, so a million topics never sit in memory at once.
+            let mut after: Option<String> = None;
+            loop {
+                let page = client
+                    .list_topics_page(prefix.as_deref(), after.as_deref())
+                    .await?;
+                for t in &page {
+                    if json {
+                        print_location(&mut out, t)?;
+                    } else {
+                        writeln!(out, "{}\t{}\t{}", t.topic, t.peer_name, t.addr)?;
+                    }
                 }
+                if page.len() < peerbus_proto::LIST_PAGE {
+                    break;
+                }
+                after = page.last().map(|t| t.topic.clone());
             }
         }
         Command::Topic(TopicCommand::Lookup { name }) => {

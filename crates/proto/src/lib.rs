@@ -24,6 +24,16 @@ pub use names::{NameError, validate_peer_name, validate_subscriber, validate_top
 /// The protocol string a client sends in its hello; servers refuse any other.
 pub const PROTOCOL: &str = "peerbus/1";
 
+/// Entries one list answer carries at most; longer lists are paged.
+pub const LIST_PAGE: usize = 10_000;
+
+/// Topics one [`Request::SyncTopics`] chunk carries at most (at 255 bytes a name, about
+/// 4 MiB: well under the frame limit).
+pub const SYNC_TOPICS_CHUNK: usize = 16_384;
+
+/// Files one [`Request::SyncFiles`] chunk carries at most.
+pub const SYNC_FILES_CHUNK: usize = 4_096;
+
 /// Messages one publish may carry: a bound on what a batch of tiny or empty messages costs
 /// a host beside its payload (lengths, timestamps, retention entries).
 pub const MAX_BATCH_MESSAGES: usize = 1 << 18;

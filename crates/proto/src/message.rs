@@ -131,10 +131,14 @@ pub enum Request {
         /// The topic.
         topic: String,
     },
-    /// Lists topics offered by live peers, optionally only those starting with `prefix`.
+    /// Lists topics offered by live peers, optionally only those starting with `prefix`, in
+    /// name order, one page of at most [`crate::LIST_PAGE`] at a time: a page that long
+    /// may be followed by more, asked for with `after` = its last name.
     ListTopics {
         /// Only names starting with this.
         prefix: Option<String>,
+        /// Only names after this one (the last of the previous page).
+        after: Option<String>,
     },
     /// Creates a topic. Sent to a peer, that peer hosts it; sent to the index, the index picks
     /// the least-loaded live peer (or the one named by `peer`) and forwards it there.
@@ -307,6 +311,32 @@ pub enum Request {
         /// The next offset the subscriber reads.
         offset: u64,
     },
+    /// One chunk of everything a peer hosts, so that no message grows with the size of the
+    /// whole set: chunks of one `generation` add topics as [`Request::AnnounceTopics`] does
+    /// (a chunk is all or nothing); the `last` one then withdraws every topic of the peer
+    /// that no chunk of the generation named. Sent after each (re)registration.
+    SyncTopics {
+        /// Who claims.
+        auth: PeerAuth,
+        /// Chosen by the peer for this pass; a new one starts over.
+        generation: u64,
+        /// The topics of this chunk.
+        topics: Vec<String>,
+        /// The pass is complete.
+        last: bool,
+    },
+    /// The same for the files a peer offers: chunks add, the `last` one withdraws what no
+    /// chunk of the generation named.
+    SyncFiles {
+        /// Who offers.
+        auth: PeerAuth,
+        /// Chosen by the peer for this pass; a new one starts over.
+        generation: u64,
+        /// The files of this chunk.
+        files: Vec<FileEntry>,
+        /// The pass is complete.
+        last: bool,
+    },
 }
 
 impl Request {
@@ -361,6 +391,8 @@ impl Request {
             Request::PublishIdempotent { .. } => "publish_idempotent",
             Request::CreateTopics { .. } => "create_topics",
             Request::Ack { .. } => "ack",
+            Request::SyncTopics { .. } => "sync_topics",
+            Request::SyncFiles { .. } => "sync_files",
         }
     }
 }

@@ -85,7 +85,8 @@ fn request() -> impl Strategy<Value = Request> {
         (auth(), prop::collection::vec(name(), 0..4))
             .prop_map(|(auth, topics)| Request::WithdrawTopics { auth, topics }),
         name().prop_map(|topic| Request::LookupTopic { topic }),
-        prop::option::of(name()).prop_map(|prefix| Request::ListTopics { prefix }),
+        (prop::option::of(name()), prop::option::of(name()))
+            .prop_map(|(prefix, after)| Request::ListTopics { prefix, after }),
         (name(), retention(), prop::option::of(name())).prop_map(|(topic, retention, peer)| {
             Request::CreateTopic {
                 topic,

@@ -176,3 +176,64 @@ async fn bulk_create_on_a_named_peer_or_sent_to_a_peer_hosts_them_there() {
     assert!(e.to_string().contains("exists on peer peer2"), "{e}");
     assert!(c.lookup("direct.x").await.is_err());
 }
+
+/// A peer hosting more topics than one frame can name (in chunks) re-announces all of them
+/// after an index restart, drops at the index what it no longer hosts, and the paged list
+/// shows every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_peer_re_announces_everything_after_an_index_restart() {
+    let mut cluster = Cluster::start(1).await.unwrap();
+    let c = cluster.client();
+    let n = 3 * peerbus_proto::SYNC_TOPICS_CHUNK + 17;
+    // Long names, so the whole set is well over one frame.
+    let long = "x".repeat(200);
+    let topics: Vec<String> = (0..n).map(|i| format!("big.{long}.{i:06}")).collect();
+    for chunk in topics.chunks(10_000) {
+        c.create_topics(chunk.to_vec(), Some("peer1"), Retention::default())
+            .await
+            .unwrap();
+    }
+    assert!(n * 200 > peerbus_proto::DEFAULT_MAX_FRAME);
+    let registrations = |peers: Vec<peerbus_proto::PeerInfo>| peers[0].registrations;
+    let before = registrations(c.peers().await.unwrap());
+    cluster.restart_index().await.unwrap();
+    let c = cluster.client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The peer notices the restart at its next keepalive and registers again.
+    while c.peers().await.map(registrations).unwrap_or(before) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peer did not register again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    loop {
+        let listed = c.list_topics(Some("big.")).await.unwrap_or_default();
+        if listed.len() == n {
+            let names: Vec<String> = listed.into_iter().map(|t| t.topic).collect();
+            assert_eq!(names, topics, "every topic once, in name order");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} topics listed after the index restart",
+            listed.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.publish(&topics[n - 1], "still here").await.unwrap(), 0);
+    // The peer holds its lease again once its sync is done: it can claim new topics.
+    loop {
+        match c
+            .create_topic("big.after", Some("peer1"), Retention::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "the peer cannot create topics after the index restart: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
