@@ -18,8 +18,10 @@ use crate::error::{ClientError, Result};
 /// How long connecting and the hello exchange may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Deliveries buffered per subscription before the connection's reader waits for the
-/// subscriber: a slow consumer slows its socket instead of growing memory.
+/// Deliveries buffered per subscription. A subscriber that lets this many pile up unread is
+/// ended as a slow consumer (as NATS does) rather than making the connection's reader wait,
+/// which would stall every other request and subscription sharing the connection. Nothing
+/// is lost: what it had not acknowledged is delivered again when it follows again.
 const SUB_BUFFER: usize = 64;
 
 type Pending = oneshot::Sender<std::result::Result<Response, WireError>>;
@@ -228,7 +230,8 @@ impl Connection {
         // arrive before there is somewhere to put it.
         let sub_id = self.shared.next_sub.fetch_add(1, Ordering::Relaxed);
         sub.follow = Some(sub_id);
-        let (tx, rx) = mpsc::channel(SUB_BUFFER);
+        // One slot more than the buffer, kept for the event that ends the subscription.
+        let (tx, rx) = mpsc::channel(SUB_BUFFER + 1);
         self.shared
             .subs
             .lock()
@@ -257,13 +260,7 @@ impl Connection {
     /// Ends a following subscription without waiting for the answer.
     pub fn stop_follow(&self, sub: u64) {
         self.forget_sub(sub);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = ClientFrame::Request {
-            id,
-            forward: false,
-            body: Request::StopFollow { sub },
-        };
-        let _ = self.shared.tx.send_now(frame.into());
+        send_stop_follow(&self.shared, sub);
     }
 
     /// Acknowledges `subscriber`'s messages of `topic` below `offset` without waiting for
@@ -315,6 +312,38 @@ fn close(shared: &Shared, reason: String) {
     }
 }
 
+/// Hands a delivery to its subscription without ever waiting: a subscription whose buffer
+/// is full is ended as a slow consumer and stopped on the host.
+fn deliver(shared: &Shared, sub: u64, route: &mpsc::Sender<SubEvent>, messages: MessageSet) {
+    if route.capacity() > 1 {
+        if route.try_send(SubEvent::Messages(messages)).is_err() {
+            shared.subs.lock().expect("subs lock").remove(&sub);
+        }
+        return;
+    }
+    shared.subs.lock().expect("subs lock").remove(&sub);
+    let e = WireError::new(
+        peerbus_proto::ErrorCode::TooLarge,
+        format!(
+            "subscription to topic '{}' ended as a slow consumer: {SUB_BUFFER} deliveries \
+             waited unread; follow again to resume from the last acknowledged message",
+            messages.topic
+        ),
+    );
+    let _ = route.try_send(SubEvent::Ended(ClientError::Server(e)));
+    send_stop_follow(shared, sub);
+}
+
+fn send_stop_follow(shared: &Shared, sub: u64) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = ClientFrame::Request {
+        id,
+        forward: false,
+        body: Request::StopFollow { sub },
+    };
+    let _ = shared.tx.send_now(frame.into());
+}
+
 async fn read_loop(
     shared: Arc<Shared>,
     mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
@@ -342,18 +371,15 @@ async fn read_loop(
             }
             ServerFrame::Delivery { sub, messages } => {
                 let route = shared.subs.lock().expect("subs lock").get(&sub).cloned();
-                if let Some(route) = route
-                    && route.send(SubEvent::Messages(messages)).await.is_err()
-                {
-                    shared.subs.lock().expect("subs lock").remove(&sub);
+                if let Some(route) = route {
+                    deliver(&shared, sub, &route, messages);
                 }
             }
             ServerFrame::SubscriptionEnded { sub, reason } => {
                 let route = shared.subs.lock().expect("subs lock").remove(&sub);
                 if let Some(route) = route {
-                    let _ = route
-                        .send(SubEvent::Ended(ClientError::Server(reason)))
-                        .await;
+                    // The kept slot has room unless the subscription already ended.
+                    let _ = route.try_send(SubEvent::Ended(ClientError::Server(reason)));
                 }
             }
             ServerFrame::Refused(e) => break e.message,

@@ -136,10 +136,10 @@ pub(crate) struct TopicQuery {
     topic: String,
 }
 
-/// The peers hosting a topic.
+/// The participants subscribed to a topic.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct HostingPeers {
-    /// Names of the peers hosting the topic (one: its host).
+    /// Names of the participants (subscribers) subscribed to the topic, in name order.
     peers: Vec<String>,
 }
 
@@ -284,7 +284,8 @@ pub(crate) async fn pull_messages(
     Ok(Json(Pulled { messages }))
 }
 
-/// The peers hosting a topic.
+/// The participants subscribed to a topic, as the original API's "peers that are subscribed
+/// to a specified topic" (`GET /api/v1/topics/{topic}` names its host).
 #[utoipa::path(get, path = "/query_peers", tag = "classic", params(TopicQuery),
     responses((status = 200, body = HostingPeers), (status = 400, body = ErrorBody),
         (status = 404, description = "No such topic", body = ErrorBody)))]
@@ -292,8 +293,8 @@ pub(crate) async fn query_peers(
     State(st): State<AppState>,
     Q(q): Q<TopicQuery>,
 ) -> Result<Json<HostingPeers>, ApiError> {
-    let loc = st.client.lookup(&q.topic).await?;
+    let subs = st.client.subscribers(&q.topic).await?;
     Ok(Json(HostingPeers {
-        peers: vec![loc.peer_name],
+        peers: subs.into_iter().map(|s| s.name).collect(),
     }))
 }

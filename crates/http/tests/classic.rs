@@ -83,9 +83,10 @@ async fn curl_order(gw: &Gateway, participant: &str, topic: &str, hosts: &[Strin
         .await
         .expect("query_peers");
     assert_eq!(resp.status(), StatusCode::OK);
+    // The participants subscribed to the topic, not its host.
     assert_eq!(
         resp.json::<Value>().await.expect("JSON"),
-        json!({"peers": [host]})
+        json!({"peers": [participant]})
     );
 
     let (s, b) = send(

@@ -445,7 +445,8 @@ async fn publish(
         report(out, off)?;
     }
     if !json {
-        writeln!(out, "published {acked} messages to '{topic}'")?;
+        let noun = if acked == 1 { "message" } else { "messages" };
+        writeln!(out, "published {acked} {noun} to '{topic}'")?;
     }
     Ok(())
 }

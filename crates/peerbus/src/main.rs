@@ -77,7 +77,7 @@ pub enum Command {
         /// Address other nodes reach this peer on (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
-        /// Address for the HTTP API and dashboard (default: none).
+        /// Address for the HTTP API and dashboard (default: none; "off" also serves none).
         #[arg(long)]
         http: Option<String>,
         #[command(flatten)]

@@ -145,9 +145,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }));
             }
             // Bound before the peer registers, so the index learns a working HTTP address.
-            let http_listener = match http {
+            let http_listener = match http.as_deref() {
+                // As for the index: "off" serves no HTTP.
+                Some("off") | None => None,
                 Some(addr) => Some(bind_http(addr).await?),
-                None => None,
             };
             config.http = http_listener
                 .as_ref()
@@ -241,8 +242,11 @@ async fn up(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create data directory {}", data.display()))?;
-    logging::init(
+    // The terminal shows the banner and warnings; the log file gets the INFO lines too.
+    let terminal = (cli.verbose == 0 && !cli.trace_messages).then_some("warn");
+    logging::init_with(
         level(cli.verbose),
+        terminal,
         cli.trace_messages,
         Some(&data.join("peerbus.log")),
     )?;

@@ -96,3 +96,37 @@ fn the_cli_commits_only_what_it_wrote() {
     );
     up.stop();
 }
+
+#[test]
+fn small_things_a_new_user_meets() {
+    let up = Up::start(1);
+    let ix = up.index.clone();
+    run(&ix, &["topic", "create", "one"]);
+    assert_eq!(
+        run(&ix, &["publish", "one", "hello"]),
+        "published 1 message to 'one'\n"
+    );
+    assert_eq!(
+        run(&ix, &["publish", "one", "a", "b"]),
+        "published 2 messages to 'one'\n"
+    );
+    // `--http off` works for a peer as it does for the index.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("p").display().to_string();
+    let peer = common::spawn([
+        "--index",
+        &ix,
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "off",
+        "--data",
+        &data,
+        "--name",
+        "quiet",
+    ]);
+    assert!(!peer.addr.is_empty());
+    drop(peer);
+    up.stop();
+}

@@ -147,3 +147,61 @@ async fn consumed_retention_deletes_only_acknowledged_messages() {
         .unwrap();
     assert_eq!(texts(&rest), ["m6", "m7", "m8", "m9"]);
 }
+
+/// A subscription whose consumer stops reading must not stall the connection it shares
+/// with other requests and subscriptions: it is ended as a slow consumer, the rest go on,
+/// and following again delivers everything it had not acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscription_is_ended_and_its_connection_keeps_serving() {
+    let cluster = with_messages("slow", 0, Retention::default()).await;
+    let c = cluster.client();
+    c.create_topic("fast", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    let mut stalled = c.follow("slow", "stuck", None).await.unwrap();
+    let mut active = c.follow("fast", "live", None).await.unwrap();
+    // One delivery per publish, far more than the subscription buffers.
+    for i in 0..200 {
+        tokio::time::timeout(DEADLINE, c.publish("slow", format!("m{i}")))
+            .await
+            .expect("a publish on the shared connection stalled")
+            .unwrap();
+    }
+    tokio::time::timeout(DEADLINE, c.publish("fast", "still flowing"))
+        .await
+        .expect("a publish on the shared connection stalled")
+        .unwrap();
+    let m = tokio::time::timeout(DEADLINE, active.next())
+        .await
+        .expect("the other subscription stalled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"still flowing");
+    // The stalled one yields what it buffered, then the reason it ended.
+    let mut got = 0;
+    let err = loop {
+        match tokio::time::timeout(DEADLINE, stalled.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(_)) => got += 1,
+            Some(Err(e)) => break e,
+            None => panic!("ended without a reason"),
+        }
+    };
+    assert!(err.to_string().contains("slow consumer"), "{err}");
+    assert!(got < 200, "{got}");
+    drop(stalled);
+    // Nothing was lost: following again starts where it was last acknowledged.
+    let mut again = c.follow("slow", "stuck", None).await.unwrap();
+    let first = tokio::time::timeout(DEADLINE, again.next_batch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.first_offset <= got as u64,
+        "{} > {got}",
+        first.first_offset
+    );
+}
