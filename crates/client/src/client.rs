@@ -495,9 +495,29 @@ impl Client {
     /// Publishes a batch in one request, without automatic batching; returns the first
     /// message's offset (the rest follow in order).
     pub async fn publish_batch<B: AsRef<[u8]>>(&self, topic: &str, payloads: &[B]) -> Result<u64> {
+        let batch = Batch::from_payloads(payloads);
+        // Refused here rather than by the host, whose codec would close the connection
+        // (failing every other request on it) on a frame over the limit.
+        let size = batch.data.len() + 5 * batch.len();
+        if size > peerbus_proto::DEFAULT_MAX_PAYLOAD {
+            return Err(ClientError::Invalid(format!(
+                "a batch of {} messages and {size} bytes is over the {} byte limit of one \
+                 publish; publish it in parts",
+                batch.len(),
+                peerbus_proto::DEFAULT_MAX_PAYLOAD
+            )));
+        }
+        if batch.len() > peerbus_proto::MAX_BATCH_MESSAGES {
+            return Err(ClientError::Invalid(format!(
+                "a batch of {} messages is over the {} message limit of one publish; publish \
+                 it in parts",
+                batch.len(),
+                peerbus_proto::MAX_BATCH_MESSAGES
+            )));
+        }
         let req = Request::Publish {
             topic: topic.to_string(),
-            batch: Batch::from_payloads(payloads),
+            batch,
         };
         match self.topic_request(topic, req).await? {
             Response::Published { first_offset, .. } => Ok(first_offset),

@@ -188,13 +188,10 @@ impl Connection {
 
     /// A fresh request id, with the slot its answer will arrive in.
     fn expect_answer(&self) -> (u32, AnswerSlot) {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .expect("pending lock")
-            .insert(id, tx);
+        let mut pending = self.shared.pending.lock().expect("pending lock");
+        let id = free_id(&self.shared, &pending);
+        pending.insert(id, tx);
         (id, rx)
     }
 
@@ -267,7 +264,10 @@ impl Connection {
     /// the answer. One that is lost leaves those messages to be delivered again, which is
     /// what at-least-once allows.
     pub fn ack_nowait(&self, topic: &str, subscriber: &str, offset: u64) {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = free_id(
+            &self.shared,
+            &self.shared.pending.lock().expect("pending lock"),
+        );
         let frame = ClientFrame::Request {
             id,
             // A node relaying the subscription passes the acknowledgement to the host.
@@ -334,8 +334,20 @@ fn deliver(shared: &Shared, sub: u64, route: &mpsc::Sender<SubEvent>, messages: 
     send_stop_follow(shared, sub);
 }
 
+/// The next request id not waiting for an answer. Ids wrap after 2^32 requests: one still
+/// pending (a long poll, a hung request) is skipped, so a late answer never resolves the
+/// wrong request.
+fn free_id(shared: &Shared, pending: &HashMap<u32, Pending>) -> u32 {
+    loop {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if !pending.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
 fn send_stop_follow(shared: &Shared, sub: u64) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = free_id(shared, &shared.pending.lock().expect("pending lock"));
     let frame = ClientFrame::Request {
         id,
         forward: false,

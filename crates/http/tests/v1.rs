@@ -437,3 +437,61 @@ async fn openapi_metrics_and_dashboard() -> anyhow::Result<()> {
     assert_eq!(node["node"], "index");
     Ok(())
 }
+
+/// A batch over the frame limit is refused by the gateway with the reason, before it
+/// reaches the host, so the gateway's shared connection to the host (and every other user's
+/// requests on it) is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_batch_is_refused_and_the_gateway_keeps_serving() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let gw = Gateway::start(cluster.index_addr(), "index", None).await;
+    let http = Client::new();
+    let (s, b) = post(&http, gw.url("/api/v1/topics"), json!({"topic": "big"})).await;
+    assert!(s.is_success(), "{b}");
+    let msgs = gw.url("/api/v1/topics/big/messages");
+    let (s, b) = post(&http, msgs.clone(), json!({"messages": ["small"]})).await;
+    assert!(s.is_success(), "{b}");
+    let four = "x".repeat(4 << 20);
+    let (s, b) = post(&http, msgs.clone(), json!({"messages": [four, four, four]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("over the 8388608 byte limit of one publish")),
+        "{b}"
+    );
+    let (s, b) = post(&http, msgs, json!({"messages": ["after"]})).await;
+    assert!(s.is_success(), "{b}");
+    let (_, b) = post(
+        &http,
+        gw.url("/api/v1/topics/big/pull"),
+        json!({"subscriber": "r"}),
+    )
+    .await;
+    let got: Vec<&str> = b["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["message"].as_str())
+        .collect();
+    assert_eq!(got, ["small", "after"]);
+    Ok(())
+}
+
+/// Unknown HTTP methods share one metrics label, so random methods cannot create series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_methods_do_not_grow_the_metrics() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let gw = Gateway::start(cluster.index_addr(), "index", None).await;
+    let http = Client::new();
+    for m in ["FROB", "XYZZY", "WIBBLE"] {
+        let method = reqwest::Method::from_bytes(m.as_bytes())?;
+        http.request(method, gw.url("/api/v1/peers")).send().await?;
+    }
+    let metrics = http.get(gw.url("/metrics")).send().await?.text().await?;
+    for m in ["FROB", "XYZZY", "WIBBLE"] {
+        assert!(!metrics.contains(m), "{m} became a label");
+    }
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    Ok(())
+}

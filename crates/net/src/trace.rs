@@ -1,7 +1,8 @@
 use peerbus_proto::Request;
 
 /// One line describing a request for `--trace-messages`: its kind and arguments, with
-/// payloads reduced to counts and sizes so a line stays a line.
+/// payloads and name lists reduced to counts and sizes so a line stays a line, and never a
+/// cookie or a payload byte (logs are for people to read, not to hold secrets).
 pub fn summarize(req: &Request) -> String {
     match req {
         Request::Publish { topic, batch } => format!(
@@ -28,9 +29,111 @@ pub fn summarize(req: &Request) -> String {
             topics.len()
         ),
         Request::WithdrawTopics { auth, topics } => format!(
-            "withdraw_topics peer_id={} topics={:?}",
-            auth.peer_id, topics
+            "withdraw_topics peer_id={} topics={}",
+            auth.peer_id,
+            topics.len()
         ),
+        Request::PublishIdempotent {
+            topic,
+            batch,
+            producer,
+            sequence,
+        } => format!(
+            "publish_idempotent topic={topic} producer={producer:x} sequence={sequence} \
+             messages={} bytes={}",
+            batch.len(),
+            batch.data.len()
+        ),
+        Request::RegisterFiles {
+            auth,
+            files,
+            replace,
+        } => format!(
+            "register_files peer_id={} files={} replace={replace}",
+            auth.peer_id,
+            files.len()
+        ),
+        Request::UnregisterFiles { auth, hashes } => format!(
+            "unregister_files peer_id={} files={}",
+            auth.peer_id,
+            hashes.len()
+        ),
+        Request::SyncTopics {
+            auth,
+            generation,
+            topics,
+            last,
+        } => format!(
+            "sync_topics peer_id={} generation={generation} topics={} last={last}",
+            auth.peer_id,
+            topics.len()
+        ),
+        Request::SyncFiles {
+            auth,
+            generation,
+            files,
+            last,
+        } => format!(
+            "sync_files peer_id={} generation={generation} files={} last={last}",
+            auth.peer_id,
+            files.len()
+        ),
+        Request::CreateTopics {
+            topics,
+            retention,
+            peer,
+        } => format!(
+            "create_topics topics={} retention={retention:?} peer={peer:?}",
+            topics.len()
+        ),
+        // The rest carry names and numbers only.
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peerbus_proto::{Batch, FileEntry, PeerAuth};
+
+    #[test]
+    fn trace_lines_carry_no_cookie_and_no_payload() {
+        let auth = PeerAuth {
+            peer_id: 7,
+            cookie: "s3cret-cookie".into(),
+        };
+        let secret = b"payload-bytes".as_slice();
+        for req in [
+            Request::RegisterFiles {
+                auth: auth.clone(),
+                files: vec![FileEntry {
+                    name: "f".into(),
+                    hash: "a".repeat(64),
+                    size: 1,
+                }],
+                replace: true,
+            },
+            Request::UnregisterFiles {
+                auth: auth.clone(),
+                hashes: vec!["a".repeat(64)],
+            },
+            Request::SyncTopics {
+                auth: auth.clone(),
+                generation: 1,
+                topics: vec!["t".into()],
+                last: true,
+            },
+            Request::PublishIdempotent {
+                topic: "t".into(),
+                batch: Batch::from_payloads([secret]),
+                producer: 1,
+                sequence: 2,
+            },
+            Request::Keepalive(auth.clone()),
+        ] {
+            let line = summarize(&req);
+            assert!(!line.contains("s3cret"), "{line}");
+            assert!(!line.contains("payload-bytes"), "{line}");
+        }
     }
 }

@@ -69,9 +69,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if max_bytes.is_some() {
                 retention.max_bytes = max_bytes;
             }
-            for name in names {
+            let names = expand_stdin(names)?;
+            if let [name] = names.as_slice() {
                 let loc = client
-                    .create_topic(&name, peer.as_deref(), retention)
+                    .create_topic(name, peer.as_deref(), retention)
                     .await?;
                 if json {
                     print_location(&mut out, &loc)?;
@@ -81,6 +82,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "created topic '{}' on peer {} ({})",
                         loc.topic, loc.peer_name, loc.addr
                     )?;
+                }
+            } else {
+                // In bulk: a request per chunk rather than per topic.
+                for chunk in names.chunks(BULK_CREATE_CHUNK) {
+                    let hosts = client
+                        .create_topics(chunk.to_vec(), peer.as_deref(), retention)
+                        .await?;
+                    for h in hosts {
+                        if json {
+                            writeln!(
+                                out,
+                                "{}",
+                                json!({"peer": h.peer_name, "addr": h.addr, "created": h.count})
+                            )?;
+                        } else {
+                            let noun = if h.count == 1 { "topic" } else { "topics" };
+                            writeln!(
+                                out,
+                                "created {} {noun} on peer {} ({})",
+                                h.count, h.peer_name, h.addr
+                            )?;
+                        }
+                    }
                 }
             }
         }
@@ -325,6 +349,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Topics one bulk create request carries.
+const BULK_CREATE_CHUNK: usize = 10_000;
+
+/// `names` with a "-" replaced by the lines of stdin (blank lines skipped).
+fn expand_stdin(names: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        if n == "-" {
+            for line in std::io::stdin().lines() {
+                let line =
+                    line.map_err(|e| anyhow::anyhow!("cannot read topic names from stdin: {e}"))?;
+                let line = line.trim();
+                if !line.is_empty() {
+                    out.push(line.to_string());
+                }
+            }
+        } else {
+            out.push(n);
+        }
+    }
+    Ok(out)
 }
 
 fn print_download(

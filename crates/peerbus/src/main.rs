@@ -219,7 +219,7 @@ pub enum Command {
 pub enum TopicCommand {
     /// Create topics.
     Create {
-        /// Topic names.
+        /// Topic names; "-" reads one name per stdin line. Many names are created in bulk.
         #[arg(required = true)]
         names: Vec<String>,
         /// Host them on this peer (name or address); default: the least-loaded live peer.

@@ -110,6 +110,39 @@ fn small_things_a_new_user_meets() {
         run(&ix, &["publish", "one", "a", "b"]),
         "published 2 messages to 'one'\n"
     );
+    // Many names go in bulk, also from stdin.
+    let names: String = (0..25_000).map(|i| format!("bulk.{i}\n")).collect();
+    let mut child = peerbus()
+        .args(["--index", &ix, "topic", "create", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(names.as_bytes())
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let created: u64 = printed
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(created, 25_000, "{printed}");
+    assert_eq!(
+        run(&ix, &["topic", "list", "--prefix", "bulk."])
+            .lines()
+            .count(),
+        25_000
+    );
     // `--http off` works for a peer as it does for the index.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("p").display().to_string();
