@@ -18,10 +18,11 @@ use crate::error::{ClientError, Result};
 /// How long connecting and the hello exchange may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Deliveries buffered per subscription. A subscriber that lets this many pile up unread is
-/// ended as a slow consumer (as NATS does) rather than making the connection's reader wait,
-/// which would stall every other request and subscription sharing the connection. Nothing
-/// is lost: what it had not acknowledged is delivered again when it follows again.
+/// Deliveries buffered per subscription. When a subscriber lets this many pile up unread,
+/// its follow is stopped on the host (as a slow consumer) rather than making the
+/// connection's reader wait, which would stall every other request and subscription sharing
+/// the connection; the subscription follows again from its last acknowledgement once its
+/// reader has caught up, so nothing is lost or skipped.
 const SUB_BUFFER: usize = 64;
 
 type Pending = oneshot::Sender<std::result::Result<Response, WireError>>;
@@ -33,6 +34,9 @@ type AnswerSlot = oneshot::Receiver<std::result::Result<Response, WireError>>;
 pub enum SubEvent {
     /// New messages.
     Messages(MessageSet),
+    /// The subscriber let its buffer fill, so the host was told to stop; the subscription
+    /// follows again once what was buffered has been read.
+    Paused,
     /// The subscription ended (topic deleted, node stopping, connection lost).
     Ended(ClientError),
 }
@@ -312,8 +316,9 @@ fn close(shared: &Shared, reason: String) {
     }
 }
 
-/// Hands a delivery to its subscription without ever waiting: a subscription whose buffer
-/// is full is ended as a slow consumer and stopped on the host.
+/// Hands a delivery to its subscription without ever waiting. A subscription whose buffer
+/// is full is paused: stopped on the host, this delivery dropped (it is past everything
+/// buffered, and the subscription follows again from there).
 fn deliver(shared: &Shared, sub: u64, route: &mpsc::Sender<SubEvent>, messages: MessageSet) {
     if route.capacity() > 1 {
         if route.try_send(SubEvent::Messages(messages)).is_err() {
@@ -322,15 +327,7 @@ fn deliver(shared: &Shared, sub: u64, route: &mpsc::Sender<SubEvent>, messages: 
         return;
     }
     shared.subs.lock().expect("subs lock").remove(&sub);
-    let e = WireError::new(
-        peerbus_proto::ErrorCode::TooLarge,
-        format!(
-            "subscription to topic '{}' ended as a slow consumer: {SUB_BUFFER} deliveries \
-             waited unread; follow again to resume from the last acknowledged message",
-            messages.topic
-        ),
-    );
-    let _ = route.try_send(SubEvent::Ended(ClientError::Server(e)));
+    let _ = route.try_send(SubEvent::Paused);
     send_stop_follow(shared, sub);
 }
 

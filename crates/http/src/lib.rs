@@ -20,6 +20,7 @@ mod api;
 mod classic;
 mod content;
 mod error;
+mod guard;
 mod openapi;
 mod telemetry;
 
@@ -216,6 +217,10 @@ fn build(config: HttpConfig, shutdown: CancellationToken) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::same_origin,
+        ))
         // Added last so it runs first: refused requests are counted too.
         .layer(middleware::from_fn_with_state(
             state.clone(),

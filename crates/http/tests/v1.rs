@@ -495,3 +495,39 @@ async fn random_methods_do_not_grow_the_metrics() -> anyhow::Result<()> {
     assert!(metrics.contains("method=\"other\""), "{metrics}");
     Ok(())
 }
+
+/// A web page cannot use someone's browser against a token-less gateway: cross-origin
+/// writes and rebound host names are refused; curl, the CLI and the dashboard are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cross_origin_writes_and_rebound_names_are_refused() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let gw = Gateway::start(cluster.index_addr(), "index", None).await;
+    let http = Client::new();
+    let resp = http
+        .post(gw.url("/create_topic"))
+        .header(header::ORIGIN, "https://evil.example")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(r#"{"topic": "csrf"}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let b: Value = resp.json().await?;
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cross-origin POST")),
+        "{b}"
+    );
+    let resp = http
+        .get(gw.url("/api/v1/topics"))
+        .header(header::HOST, "evil.example")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // Nothing was created, and a plain client is served.
+    let (s, b) = post(&http, gw.url("/create_topic"), json!({"topic": "fine"})).await;
+    assert!(s.is_success(), "{b}");
+    let (s, _) = get(&http, gw.url("/api/v1/topics/csrf")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    Ok(())
+}

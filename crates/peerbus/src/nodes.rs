@@ -210,6 +210,12 @@ fn serve_http(
         .map(|a| a.to_string())
         .unwrap_or_default();
     eprintln!("peerbus {node} serving HTTP and the dashboard on http://{addr}/");
+    if cli.auth_token.is_none() && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        eprintln!(
+            "warning: the HTTP API on {addr} is reachable from other machines and has no \
+             --auth-token: anyone who can reach it can publish, pull and delete"
+        );
+    }
     let config = peerbus_http::HttpConfig {
         index,
         node,
