@@ -5,22 +5,7 @@ use std::process::Stdio;
 
 mod common;
 
-use common::{Up, peerbus};
-
-fn run(index: &str, args: &[&str]) -> String {
-    let out = peerbus()
-        .arg("--index")
-        .arg(index)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "peerbus {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{Up, ok as run, peerbus};
 
 #[test]
 fn the_cli_commits_only_what_it_wrote() {

@@ -10,23 +10,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Node, free_addr, peerbus, spawn};
+use common::{Node, free_addr, ok, peerbus, spawn};
 use serde_json::Value;
-
-fn ok(index: &str, args: &[&str]) -> String {
-    let out = peerbus()
-        .arg("--index")
-        .arg(index)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "peerbus {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The peer named `solo` as `peers --json` shows it, if the index is up and lists it.
 fn solo(index: &str) -> Option<Value> {

@@ -68,6 +68,34 @@ async fn a_new_topic_never_inherits_a_deleted_topics_rows() {
     assert_eq!(set.len(), 3);
 }
 
+/// Creates `topic`, follows it, publishes in the background, and deletes it once the first
+/// delivery arrived, so the delete lands while deliveries and their commits flow.
+async fn delete_while_followed(c: &peerbus_client::Client, topic: &str, retention: Retention) {
+    c.create_topic(topic, Some("peer1"), retention)
+        .await
+        .unwrap();
+    let mut sub = c
+        .follow(topic, "follower", Some(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let publisher = {
+        let (c, topic) = (c.clone(), topic.to_string());
+        tokio::spawn(async move {
+            for i in 0..200 {
+                if c.publish(&topic, format!("m{i}")).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let first = tokio::time::timeout(DEADLINE, sub.next())
+        .await
+        .expect("no delivery");
+    assert!(first.is_some());
+    c.delete_topic(topic).await.unwrap();
+    publisher.await.unwrap();
+}
+
 /// Deletes race live followers' commits (with `consumed` retention, each commit also cuts the
 /// log and rewrites the topic's metadata). After a restart, the deleted topic stays deleted
 /// and the recreated one serves every acknowledged message.
@@ -81,31 +109,7 @@ async fn commits_racing_a_delete_neither_resurrect_it_nor_orphan_its_successor()
     for round in 0..10 {
         let c = cluster.client();
         let topic = format!("race.{round}");
-        c.create_topic(&topic, Some("peer1"), consumed)
-            .await
-            .unwrap();
-        let mut sub = c
-            .follow(&topic, "follower", Some(StartFrom::Earliest))
-            .await
-            .unwrap();
-        let publisher = {
-            let (c, topic) = (c.clone(), topic.clone());
-            tokio::spawn(async move {
-                for i in 0..200 {
-                    if c.publish(&topic, format!("m{i}")).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        // Delete while deliveries (and their commits) are flowing.
-        let first = tokio::time::timeout(DEADLINE, sub.next())
-            .await
-            .expect("no delivery");
-        assert!(first.is_some());
-        c.delete_topic(&topic).await.unwrap();
-        publisher.await.unwrap();
-        drop(sub);
+        delete_while_followed(&c, &topic, consumed).await;
         // Recreated on the same peer, with acknowledged messages.
         c.create_topic(&topic, Some("peer1"), Retention::default())
             .await
@@ -113,30 +117,7 @@ async fn commits_racing_a_delete_neither_resurrect_it_nor_orphan_its_successor()
         for i in 0..5 {
             c.publish(&topic, format!("new{i}")).await.unwrap();
         }
-        let gone = format!("gone.{round}");
-        c.create_topic(&gone, Some("peer1"), consumed)
-            .await
-            .unwrap();
-        let mut sub = c
-            .follow(&gone, "follower", Some(StartFrom::Earliest))
-            .await
-            .unwrap();
-        let publisher = {
-            let (c, gone) = (c.clone(), gone.clone());
-            tokio::spawn(async move {
-                for i in 0..200 {
-                    if c.publish(&gone, format!("m{i}")).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        let first = tokio::time::timeout(DEADLINE, sub.next())
-            .await
-            .expect("no delivery");
-        assert!(first.is_some());
-        c.delete_topic(&gone).await.unwrap();
-        publisher.await.unwrap();
+        delete_while_followed(&c, &format!("gone.{round}"), consumed).await;
     }
     cluster.restart_peer(0).await.unwrap();
     let c = cluster.client();

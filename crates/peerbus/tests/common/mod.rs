@@ -18,6 +18,23 @@ pub fn peerbus() -> Command {
     c
 }
 
+/// Runs a client command against `index` and returns its stdout; fails the test with its
+/// stderr unless it succeeds.
+pub fn ok(index: &str, args: &[&str]) -> String {
+    let out = peerbus()
+        .arg("--index")
+        .arg(index)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "peerbus {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A free loopback address (bound and released), for a node whose port must be known first.
 pub fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
