@@ -97,6 +97,10 @@ impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
     {
         self.map.remove(key);
     }
+
+    fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        self.map.retain(keep);
+    }
 }
 
 fn unexpected(addr: &str, what: &Response) -> ClientError {
@@ -278,6 +282,7 @@ impl Client {
 
     /// Deletes a topic and its data on its host.
     pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        self.forget_pulled(topic, None);
         let r = self
             .topic_request(
                 topic,
@@ -674,8 +679,19 @@ impl Client {
         }
     }
 
+    /// Forgets where this client's pulls of `topic` ended (all subscribers, or one), once
+    /// those positions mean nothing: after an unsubscribe or a delete.
+    fn forget_pulled(&self, topic: &str, subscriber: Option<&str>) {
+        self.inner
+            .pulled
+            .lock()
+            .expect("pulled lock")
+            .retain(|(t, s), _| t != topic || subscriber.is_some_and(|n| n != s));
+    }
+
     /// Removes a subscription and its position.
     pub async fn unsubscribe(&self, topic: &str, subscriber: &str) -> Result<()> {
+        self.forget_pulled(topic, Some(subscriber));
         let req = Request::Unsubscribe {
             topic: topic.to_string(),
             subscriber: subscriber.to_string(),

@@ -886,7 +886,15 @@ impl Node {
         commit: Option<u64>,
     ) -> Result<MessageSet, WireError> {
         if let Some(offset) = commit {
-            self.ack(t, subscriber, offset)?;
+            // A position the client remembered from before an unsubscribe, or from an
+            // earlier topic of the same name, is stale: read from the committed position
+            // rather than fail every later pull.
+            if let Err(e) = self.ack(t, subscriber, offset) {
+                if t.deleted.is_cancelled() {
+                    return Err(e);
+                }
+                tracing::debug!("ignored the commit sent with a pull: {e}");
+            }
         }
         let pos = self.subscribe(
             t,

@@ -190,3 +190,35 @@ async fn a_stalled_subscription_pauses_and_its_connection_keeps_serving() {
         assert_eq!(m.payload, format!("m{i}").into_bytes());
     }
 }
+
+/// A position remembered from before an unsubscribe or from an earlier topic of the same
+/// name neither fails later pulls nor skips the new topic's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pull_positions_are_ignored() {
+    let cluster = with_messages("again", 10, Retention::default()).await;
+    let c = cluster.client();
+    let other = cluster.client();
+    assert_eq!(
+        c.pull("again", "r", 100, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+    // Deleted and recreated by someone else: this client still remembers offset 10.
+    other.delete_topic("again").await.unwrap();
+    other
+        .create_topic("again", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        other.publish("again", format!("n{i}")).await.unwrap();
+    }
+    let set = c.pull("again", "r", 100, Duration::ZERO).await.unwrap();
+    assert_eq!(texts(&set), ["n0", "n1", "n2"]);
+    // Unsubscribed in between: the next pull starts afresh, and does not fail.
+    c.unsubscribe("again", "r").await.unwrap();
+    let set = c.pull("again", "r", 100, Duration::ZERO).await.unwrap();
+    assert_eq!(set.first_offset, 0);
+    assert_eq!(set.len(), 3);
+}
