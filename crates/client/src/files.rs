@@ -40,10 +40,6 @@ pub struct DownloadReport {
     pub path: PathBuf,
 }
 
-fn is_hash(key: &str) -> bool {
-    key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 fn files_of(addr: &str, r: Response) -> Result<Vec<FileHit>> {
     match r {
         Response::Files(f) => Ok(f),
@@ -173,7 +169,7 @@ impl Client {
     }
 
     async fn lookup_file_distributed(&self, key: &str) -> Result<FileHit> {
-        let pattern = if is_hash(key) { "" } else { key };
+        let pattern = if peerbus_proto::is_hash(key) { "" } else { key };
         self.search_files_distributed(pattern)
             .await?
             .into_iter()

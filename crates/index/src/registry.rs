@@ -157,10 +157,7 @@ impl TopicSet {
     }
 }
 
-/// True for a BLAKE3 hash as the wire carries it: 64 hex digits.
-pub(crate) fn is_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
+pub(crate) use peerbus_proto::is_hash;
 
 /// At most this much of a client-supplied string is quoted back in an error, so a garbage
 /// megabyte-long "hash" does not come back as a megabyte-long message.

@@ -86,7 +86,7 @@ impl Node {
             return Ok(fetched(f, Vec::new()));
         }
         let hash = hit.hash.to_ascii_lowercase();
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !peerbus_proto::is_hash(&hash) {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
                 format!("the index named '{}', which is not a BLAKE3 hash", hit.hash),

@@ -57,8 +57,9 @@ pub fn valid_offered_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_OFFERED_NAME && !name.chars().any(char::is_control)
 }
 
+/// A hash spelled as this peer names fetched copies: lowercase.
 fn is_lower_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    peerbus_proto::is_hash(s) && !s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 /// A file this peer offers.

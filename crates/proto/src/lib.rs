@@ -41,6 +41,11 @@ pub const MAX_BATCH_MESSAGES: usize = 1 << 18;
 /// The largest payload a single message may carry by default (8 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 8 * 1024 * 1024;
 
+/// True when `s` spells a BLAKE3 hash: 64 hex digits (either case).
+pub fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Compares secrets (tokens, cookies) in time that depends only on their lengths, so a
 /// client cannot find one byte by byte from how fast wrong guesses are refused.
 pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
