@@ -774,9 +774,14 @@ impl Node {
     /// Moves a subscriber's committed position and applies `consumed` retention.
     fn commit(&self, t: &Topic, subscriber: &str, offset: u64) {
         let mut st = t.state.lock().expect("topic lock");
+        self.commit_and_store(t, &mut st, subscriber, offset);
+    }
+
+    /// [`Node::commit_locked`] and storing what it decided, with the topic lock held: queued
+    /// under the lock, so it cannot land after the topic's deletion.
+    fn commit_and_store(&self, t: &Topic, st: &mut TopicState, subscriber: &str, offset: u64) {
         let mut ops = Vec::new();
-        self.commit_locked(t, &mut st, subscriber, offset, &mut ops);
-        // Queued under the lock, so it cannot land after the topic's deletion.
+        self.commit_locked(t, st, subscriber, offset, &mut ops);
         if !ops.is_empty() {
             self.store_detached(ops);
         }
@@ -941,11 +946,7 @@ impl Node {
                 format!("'{subscriber}' is not subscribed to topic '{}'", t.name),
             ));
         }
-        let mut ops = Vec::new();
-        self.commit_locked(t, &mut st, subscriber, offset, &mut ops);
-        if !ops.is_empty() {
-            self.store_detached(ops);
-        }
+        self.commit_and_store(t, &mut st, subscriber, offset);
         Ok(())
     }
 
@@ -1410,8 +1411,8 @@ async fn publish(
 ) {
     // Held until the batch is durable: with the disk behind, publishers wait here (and
     // their connections stop being read) instead of queueing without limit.
-    let held = if node.sync() || matches!(node.config.durability, Durability::Os) {
-        let cost = batch_cost(&batch).clamp(1, WRITE_BUDGET) as u32;
+    let held = if node.config.durability != Durability::Memory {
+        let cost = crate::retention::batch_charge(&batch).clamp(1, WRITE_BUDGET) as u32;
         match node.write_budget.clone().acquire_many_owned(cost).await {
             Ok(p) => Some(p),
             Err(_) => unreachable!("the write budget is never closed"),
@@ -1440,18 +1441,8 @@ async fn publish(
     }
 }
 
-/// What a batch costs the write budget: its payloads and a fixed amount per message for
-/// what every message takes beside its payload (lengths, timestamps, retention entries).
-fn batch_cost(batch: &Batch) -> usize {
-    batch.data.len().saturating_add(
-        batch
-            .len()
-            .saturating_mul(crate::retention::MESSAGE_OVERHEAD as usize),
-    )
-}
-
-/// Streams a topic to a connection from `pos`, committing as it goes, until stopped, the
-/// topic is deleted or the connection closes. Once caught up it joins the topic's live
+/// Streams a topic to a connection from `pos` until stopped, the topic is deleted or the
+/// connection closes; it commits nothing (the subscriber acknowledges what it handled). Once caught up it joins the topic's live
 /// followers, whose new batches the publishing side writes, and takes over again when
 /// handed back.
 async fn follow(

@@ -10,6 +10,15 @@ use peerbus_proto::Retention;
 /// and empty messages are bounded too.
 pub const MESSAGE_OVERHEAD: u64 = 32;
 
+/// What a batch counts against byte budgets (the node's write budget, the tails): its
+/// payloads plus [`MESSAGE_OVERHEAD`] a message, so batches of empty messages count too.
+pub fn batch_charge(batch: &peerbus_proto::Batch) -> usize {
+    batch
+        .data
+        .len()
+        .saturating_add(batch.len().saturating_mul(MESSAGE_OVERHEAD as usize))
+}
+
 /// Size and time of every retained message, oldest first, so limits can be checked without
 /// reading the log.
 #[derive(Debug, Default, Clone)]

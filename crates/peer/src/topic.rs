@@ -129,7 +129,7 @@ impl Tail {
         {
             self.clear();
         }
-        let len = tail_cost(&batch);
+        let len = crate::retention::batch_charge(&batch);
         while !self.batches.is_empty() && self.budget.used() + len > self.limit {
             self.pop_oldest();
         }
@@ -151,7 +151,7 @@ impl Tail {
 
     fn pop_oldest(&mut self) {
         if let Some(old) = self.batches.pop_front() {
-            let len = tail_cost(&old.batch);
+            let len = crate::retention::batch_charge(&old.batch);
             self.bytes -= len;
             self.budget.0.fetch_sub(len, Ordering::Relaxed);
         }
@@ -323,12 +323,6 @@ impl Topic {
     pub fn high_watermark(&self) -> u64 {
         *self.durable.borrow()
     }
-}
-
-/// What a batch counts against the tail budgets: payloads plus a fixed amount per message,
-/// so batches of empty messages are evicted too.
-fn tail_cost(batch: &Batch) -> usize {
-    batch.data.len() + batch.len() * crate::retention::MESSAGE_OVERHEAD as usize
 }
 
 impl TopicState {
