@@ -663,6 +663,17 @@ impl Client {
         }
     }
 
+    /// Acknowledges every message of `topic` up to and including offset `last` (what the
+    /// CLI's `ack --offset` and the HTTP ack endpoint take).
+    pub async fn ack_through(&self, topic: &str, subscriber: &str, last: u64) -> Result<()> {
+        let next = last.checked_add(1).ok_or_else(|| {
+            ClientError::Invalid(format!(
+                "offset {last} is past the largest offset a topic can have"
+            ))
+        })?;
+        self.ack(topic, subscriber, next).await
+    }
+
     /// Acknowledges every message of `topic` below `next_offset` for `subscriber`: its
     /// committed position moves there (never backwards, never past the durable end), and
     /// `consumed` retention may delete them.

@@ -231,7 +231,7 @@ impl Connection {
         // arrive before there is somewhere to put it.
         let sub_id = self.shared.next_sub.fetch_add(1, Ordering::Relaxed);
         sub.follow = Some(sub_id);
-        // One slot more than the buffer, kept for the event that ends the subscription.
+        // One slot more than the buffer, kept for the event that pauses or ends it.
         let (tx, rx) = mpsc::channel(SUB_BUFFER + 1);
         self.shared
             .subs
@@ -268,21 +268,13 @@ impl Connection {
     /// the answer. One that is lost leaves those messages to be delivered again, which is
     /// what at-least-once allows.
     pub fn ack_nowait(&self, topic: &str, subscriber: &str, offset: u64) {
-        let id = free_id(
-            &self.shared,
-            &self.shared.pending.lock().expect("pending lock"),
-        );
-        let frame = ClientFrame::Request {
-            id,
-            // A node relaying the subscription passes the acknowledgement to the host.
-            forward: true,
-            body: Request::Ack {
-                topic: topic.to_string(),
-                subscriber: subscriber.to_string(),
-                offset,
-            },
+        let ack = Request::Ack {
+            topic: topic.to_string(),
+            subscriber: subscriber.to_string(),
+            offset,
         };
-        let _ = self.shared.tx.send_now(frame.into());
+        // A node relaying the subscription passes the acknowledgement to the host.
+        send_nowait(&self.shared, true, ack);
     }
 
     /// Closes the connection; requests in flight fail with [`ClientError::Closed`].
@@ -344,12 +336,13 @@ fn free_id(shared: &Shared, pending: &HashMap<u32, Pending>) -> u32 {
 }
 
 fn send_stop_follow(shared: &Shared, sub: u64) {
+    send_nowait(shared, false, Request::StopFollow { sub });
+}
+
+/// Sends a request whose answer nobody waits for (it is dropped when it arrives).
+fn send_nowait(shared: &Shared, forward: bool, body: Request) {
     let id = free_id(shared, &shared.pending.lock().expect("pending lock"));
-    let frame = ClientFrame::Request {
-        id,
-        forward: false,
-        body: Request::StopFollow { sub },
-    };
+    let frame = ClientFrame::Request { id, forward, body };
     let _ = shared.tx.send_now(frame.into());
 }
 

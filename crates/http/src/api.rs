@@ -617,13 +617,9 @@ pub(crate) async fn ack(
     P(topic): P<String>,
     JsonBody(b): JsonBody<AckBody>,
 ) -> Result<StatusCode, ApiError> {
-    let next = b.offset.checked_add(1).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "offset {} is past the largest offset a topic can have",
-            b.offset
-        ))
-    })?;
-    st.client.ack(&topic, &b.subscriber, next).await?;
+    st.client
+        .ack_through(&topic, &b.subscriber, b.offset)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -210,10 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             subscriber,
             offset,
         } => {
-            let next = offset.checked_add(1).ok_or_else(|| {
-                anyhow::anyhow!("offset {offset} is past the largest offset a topic can have")
-            })?;
-            client.ack(&topic, &subscriber, next).await?;
+            client.ack_through(&topic, &subscriber, offset).await?;
             if json {
                 writeln!(
                     out,
