@@ -383,9 +383,16 @@ impl Client {
     }
 
     /// Answers a batch's publishers with its outcome.
-    fn settle(&self, batcher: &Batcher, acks: Vec<Ack>, r: Result<u64>) {
+    fn settle(&self, batcher: &Batcher, acks: Vec<Ack>, r: Result<Sent>) {
         match r {
-            Ok(first) => {
+            Ok(Sent { first, restarted }) => {
+                if let Some(producer) = restarted {
+                    batcher
+                        .state
+                        .lock()
+                        .expect("batcher lock")
+                        .restarted(producer);
+                }
                 for (i, a) in acks.into_iter().enumerate() {
                     let _ = a.send(Ok(first + i as u64));
                 }
@@ -426,10 +433,14 @@ impl Client {
         tokio::spawn(async move {
             let r = match sent {
                 Some(answer) => match answer.await {
-                    Ok(Response::Published { first_offset, .. }) => Ok(first_offset),
+                    Ok(Response::Published { first_offset, .. }) => Ok(Sent {
+                        first: first_offset,
+                        restarted: None,
+                    }),
                     Ok(other) => Err(unexpected(&topic, &other)),
                     // Unknown outcome or moved host: resend, which the host de-duplicates.
-                    Err(e) if resendable(&e) => {
+                    // An unknown producer is handled there too.
+                    Err(e) if resendable(&e) || e.code() == Some(ErrorCode::UnknownProducer) => {
                         client
                             .publish_idempotent(&topic, batch, first.producer, first.sequence)
                             .await
@@ -466,15 +477,20 @@ impl Client {
     /// batch with the same sequence while the host cannot be reached or moved: the host
     /// answers a resend of a batch it already stored with the offsets it got, so a lost
     /// acknowledgement never duplicates messages.
+    ///
+    /// A host that does not know the producer (its state expired, or the topic was made
+    /// again) stored nothing, so the batch goes again once as sequence 0 of a new producer,
+    /// which the answer names.
     async fn publish_idempotent(
         &self,
         topic: &str,
         batch: Batch,
-        producer: u64,
-        sequence: u64,
-    ) -> Result<u64> {
+        mut producer: u64,
+        mut sequence: u64,
+    ) -> Result<Sent> {
         let deadline = tokio::time::Instant::now() + RESEND_DEADLINE;
         let mut backoff = RESEND_FIRST_BACKOFF;
+        let mut restarted = None;
         loop {
             let req = Request::PublishIdempotent {
                 topic: topic.to_string(),
@@ -483,8 +499,19 @@ impl Client {
                 sequence,
             };
             match self.topic_request(topic, req).await {
-                Ok(Response::Published { first_offset, .. }) => return Ok(first_offset),
+                Ok(Response::Published { first_offset, .. }) => {
+                    return Ok(Sent {
+                        first: first_offset,
+                        restarted,
+                    });
+                }
                 Ok(other) => return Err(unexpected(topic, &other)),
+                Err(e) if e.code() == Some(ErrorCode::UnknownProducer) && restarted.is_none() => {
+                    tracing::debug!("starting a new producer for topic '{topic}': {e}");
+                    producer = rand::random();
+                    sequence = 0;
+                    restarted = Some(producer);
+                }
                 Err(e) if resendable(&e) && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!("resending batch {sequence} to topic '{topic}': {e}");
                     // The host may have moved; ask the index again on the next try.
@@ -760,6 +787,15 @@ fn resendable(e: &ClientError) -> bool {
     e.is_unreachable() || e.code() == Some(ErrorCode::NotHost)
 }
 
+/// A batch the host stored.
+struct Sent {
+    /// Offset of its first message.
+    first: u64,
+    /// The new producer id the batch went under as sequence 0, when the host did not know
+    /// the batcher's.
+    restarted: Option<u64>,
+}
+
 /// A batch taken from a batcher's queue, with the publishers to answer.
 struct NextBatch {
     payloads: Vec<Bytes>,
@@ -780,11 +816,6 @@ struct BatchState {
 }
 
 impl BatchState {
-    /// Keeps the producer in step with the host after a batch failed. The host may or may
-    /// not hold the batch (a storage failure after the write, a lost answer), or may have
-    /// refused it before recording its sequence; reusing the sequence could make a different
-    /// batch look like a resend, and skipping it would look like a gap. So the producer
-    /// starts afresh with a new id, as Kafka's does after an unknown outcome.
     /// The next batch to send, with its sequence; `None` (and no longer in flight) when
     /// nothing is queued.
     fn take(&mut self) -> Option<NextBatch> {
@@ -817,9 +848,20 @@ impl BatchState {
         })
     }
 
+    /// Keeps the producer in step with the host after a batch failed. The host may or may
+    /// not hold the batch (a storage failure after the write, a lost answer), or may have
+    /// refused it before recording its sequence; reusing the sequence could make a different
+    /// batch look like a resend, and skipping it would look like a gap. So the producer
+    /// starts afresh with a new id, as Kafka's does after an unknown outcome.
     fn after_failure(&mut self) {
         self.producer = rand::random();
         self.next_sequence = 0;
+    }
+
+    /// The last batch went as sequence 0 of the new producer `producer`.
+    fn restarted(&mut self, producer: u64) {
+        self.producer = producer;
+        self.next_sequence = 1;
     }
 }
 

@@ -8,6 +8,7 @@
 mod fetch;
 mod lease;
 mod node;
+mod producers;
 pub mod retention;
 pub mod share;
 mod topic;

@@ -17,13 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fetch::FetchLimits;
 use crate::lease::LeaseCell;
+use crate::producers::{Admission, Produced, Producers, parse_producer_key, producer_key};
 use crate::retention::Retained;
 use crate::share::{Changes, PieceError, Share, SharedFile};
-use crate::topic::{
-    Handback, Live, Produced, TailBudget, Topic, TopicState, parse_producer_key, producer_key,
-};
+use crate::topic::{Handback, Live, TailBudget, Topic, TopicState};
 use crate::{Durability, PeerConfig};
 
+/// How long a resent batch waits for its first copy to become durable before the
+/// resender is told to try again.
+const DUPLICATE_WAIT: Duration = Duration::from_secs(10);
 /// Most messages one pull or delivery carries.
 const MAX_READ_MESSAGES: usize = 8192;
 /// Most payload bytes one pull or delivery carries.
@@ -118,10 +120,11 @@ impl Node {
         let tails = TailBudget::default();
         // Idempotent producers' last batches, by topic id, so a restarted peer still
         // recognises a resent batch.
+        let loaded_ms = now_ms();
         let mut producers: HashMap<u64, HashMap<u64, Produced>> = HashMap::new();
         for (k, v) in backend.scan(Table::Meta)? {
             if let Some((topic_id, producer)) = parse_producer_key(&k) {
-                let p = Produced::decode(&v).ok_or_else(|| {
+                let p = Produced::decode(&v, loaded_ms).ok_or_else(|| {
                     peerbus_store::StoreError::Corrupt(format!(
                         "producer {producer} state of topic id {topic_id}"
                     ))
@@ -129,6 +132,8 @@ impl Node {
                 producers.entry(topic_id).or_default().insert(producer, p);
             }
         }
+        // Stored state of expired producers, and of producers of topics that are gone.
+        let mut forgotten = Vec::new();
         for (tname, meta) in backend.topics()? {
             max_id = max_id.max(meta.id);
             let mut retained = Retained::starting_at(meta.low);
@@ -147,14 +152,30 @@ impl Node {
                 subscribers,
                 tails.clone(),
             );
-            topic.state.lock().expect("topic lock").producers =
-                producers.remove(&meta.id).unwrap_or_default();
+            let (known, expired) =
+                Producers::load(producers.remove(&meta.id).unwrap_or_default(), loaded_ms);
+            topic.state.lock().expect("topic lock").producers = known;
+            forgotten.extend(expired.into_iter().map(|p| Op::Remove {
+                table: Table::Meta,
+                key: producer_key(meta.id, p),
+            }));
             tracing::info!(
                 "loaded topic '{tname}': offsets {}..{}",
                 topic.state.lock().expect("topic lock").retained.low(),
                 topic.high_watermark()
             );
             topics.insert(tname, Arc::new(topic));
+        }
+        forgotten.extend(producers.into_iter().flat_map(|(id, ps)| {
+            ps.into_keys().map(move |p| Op::Remove {
+                table: Table::Meta,
+                key: producer_key(id, p),
+            })
+        }));
+        if !forgotten.is_empty() {
+            tracing::info!("forgetting {} idle idempotent producers", forgotten.len());
+            backend.apply(&forgotten)?;
+            backend.persist(true)?;
         }
         let next_topic_id = backend
             .get(Table::Meta, NEXT_TOPIC_ID_KEY)?
@@ -547,7 +568,7 @@ impl Node {
                 id: t.id,
             }];
             // Producer state lives in `meta`, which DeleteTopic does not touch.
-            ops.extend(st.producers.keys().map(|&p| Op::Remove {
+            ops.extend(st.producers.ids().map(|p| Op::Remove {
                 table: Table::Meta,
                 key: producer_key(t.id, p),
             }));
@@ -630,26 +651,14 @@ impl Node {
         }
         let mut record = None;
         if let Some((producer, sequence)) = producer {
-            let last = st.producers.get(&producer).copied();
-            match last {
-                Some(p) if p.sequence == sequence => {
-                    return Ok(Appended::Duplicate {
-                        first: p.first,
-                        count: p.count,
-                    });
+            match st.producers.admit(&t.name, producer, sequence, now)? {
+                Admission::Duplicate { first, count } => {
+                    return Ok(Appended::Duplicate { first, count });
                 }
-                Some(p) if p.sequence.checked_add(1) != Some(sequence) => {
-                    return Err(WireError::new(
-                        ErrorCode::BadRequest,
-                        format!(
-                            "out-of-order sequence {sequence} from producer {producer} (expected {})",
-                            p.sequence.wrapping_add(1)
-                        ),
-                    ));
+                Admission::Next { previous, evicted } => {
+                    record = Some((producer, sequence, previous, evicted));
                 }
-                _ => {}
             }
-            record = Some((producer, sequence, last));
         }
         let first = st.retained.next();
         for &len in &batch.lens {
@@ -664,13 +673,18 @@ impl Node {
             batch,
         }];
         let mut undo = None;
-        if let Some((producer, sequence, previous)) = record {
+        if let Some((producer, sequence, previous, evicted)) = record {
+            ops.extend(evicted.into_iter().map(|p| Op::Remove {
+                table: Table::Meta,
+                key: producer_key(t.id, p),
+            }));
             let p = Produced {
                 sequence,
                 first,
                 count: n,
+                last_ms: now,
             };
-            st.producers.insert(producer, p);
+            st.producers.record(producer, p);
             ops.push(Op::Put {
                 table: Table::Meta,
                 key: producer_key(t.id, producer),
@@ -1021,21 +1035,19 @@ impl Appended {
                 t.state.lock().expect("topic lock").tail.clear();
                 if let Some(u) = undo {
                     let mut st = t.state.lock().expect("topic lock");
-                    // Only if no later batch of the producer was recorded meanwhile.
-                    if st.producers.get(&u.producer) == Some(&u.recorded) {
-                        match u.previous {
-                            Some(p) => st.producers.insert(u.producer, p),
-                            None => st.producers.remove(&u.producer),
-                        };
-                    }
+                    st.producers.undo(u.producer, u.recorded, u.previous);
                 }
                 r
             }
             Appended::Duplicate { first, count } => {
                 // The original may still be in the writer's queue: answer only once it is
-                // durable, like the original would have been.
+                // durable, like the original would have been. If its write failed, that
+                // never happens: after a while the resender is told to try again, and by
+                // then the failed write has taken back the producer's state.
                 let end = first + u64::from(count);
                 let mut rx = t.durable.subscribe();
+                let give_up = tokio::time::sleep(DUPLICATE_WAIT);
+                tokio::pin!(give_up);
                 loop {
                     if *rx.borrow_and_update() >= end {
                         return Ok(Response::Published {
@@ -1050,6 +1062,17 @@ impl Appended {
                         _ = t.deleted.cancelled() => return Err(WireError::topic_not_found(&t.name)),
                         _ = conn.closed.cancelled() => {
                             return Err(WireError::new(ErrorCode::Unavailable, "connection closed"));
+                        }
+                        _ = &mut give_up => {
+                            return Err(WireError::new(
+                                ErrorCode::Unavailable,
+                                format!(
+                                    "the first copy of this resent batch to topic '{}' is \
+                                     not durable after {} s: send it again",
+                                    t.name,
+                                    DUPLICATE_WAIT.as_secs()
+                                ),
+                            ));
                         }
                     }
                 }

@@ -1,7 +1,7 @@
 //! A hosted topic: its offsets, retention accounting, subscribers and the durable high
 //! watermark that wakes readers.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +9,7 @@ use peerbus_proto::{Batch, MessageSet, Retention, StartFrom};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::producers::Producers;
 use crate::retention::Retained;
 
 /// One topic this peer hosts.
@@ -35,7 +36,7 @@ pub(crate) struct TopicState {
     /// The last batch of each idempotent producer, by producer id, so a resent batch is
     /// answered with its offsets instead of being stored twice. Recorded when the batch is
     /// queued for storage (not when durable), so a retry racing the original finds it.
-    pub producers: HashMap<u64, Produced>,
+    pub producers: Producers,
     /// Followers that have everything durable: a newly durable batch is written to their
     /// connections by the task that made it durable, with no follower task woken.
     pub live: Vec<Live>,
@@ -228,56 +229,6 @@ impl Tail {
     }
 }
 
-/// The last batch an idempotent producer published to a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Produced {
-    pub sequence: u64,
-    pub first: u64,
-    pub count: u32,
-}
-
-impl Produced {
-    /// Storage encoding: sequence ‖ first ‖ count, big-endian.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(20);
-        v.extend_from_slice(&self.sequence.to_be_bytes());
-        v.extend_from_slice(&self.first.to_be_bytes());
-        v.extend_from_slice(&self.count.to_be_bytes());
-        v
-    }
-
-    pub fn decode(v: &[u8]) -> Option<Produced> {
-        let v: &[u8; 20] = v.try_into().ok()?;
-        Some(Produced {
-            sequence: u64::from_be_bytes(v[0..8].try_into().ok()?),
-            first: u64::from_be_bytes(v[8..16].try_into().ok()?),
-            count: u32::from_be_bytes(v[16..20].try_into().ok()?),
-        })
-    }
-}
-
-/// Prefix of the `meta` keys holding idempotent producer state: prefix ‖ topic id ‖ producer.
-pub(crate) const PRODUCER_PREFIX: &[u8] = b"producer";
-
-/// The `meta` key of a producer's state on a topic.
-pub(crate) fn producer_key(topic_id: u64, producer: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(PRODUCER_PREFIX.len() + 16);
-    k.extend_from_slice(PRODUCER_PREFIX);
-    k.extend_from_slice(&topic_id.to_be_bytes());
-    k.extend_from_slice(&producer.to_be_bytes());
-    k
-}
-
-/// The (topic id, producer) of a `meta` key, when it is a producer key.
-pub(crate) fn parse_producer_key(k: &[u8]) -> Option<(u64, u64)> {
-    let rest = k.strip_prefix(PRODUCER_PREFIX)?;
-    let rest: &[u8; 16] = rest.try_into().ok()?;
-    Some((
-        u64::from_be_bytes(rest[0..8].try_into().ok()?),
-        u64::from_be_bytes(rest[8..16].try_into().ok()?),
-    ))
-}
-
 impl Topic {
     pub fn new(
         name: String,
@@ -297,7 +248,7 @@ impl Topic {
             state: Mutex::new(TopicState {
                 retained,
                 subscribers,
-                producers: HashMap::new(),
+                producers: Producers::default(),
                 live: Vec::new(),
                 tail: Tail::new(tails, NODE_TAIL_BYTES),
             }),

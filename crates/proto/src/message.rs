@@ -843,6 +843,13 @@ pub enum ErrorCode {
     TooLarge,
     /// Unknown protocol version or a request this node kind does not serve.
     Unsupported,
+    /// A per-topic, per-connection or per-node limit is reached (producers, subscribers,
+    /// participants); trying again later, or with fewer, may work.
+    LimitReached,
+    /// An idempotent producer the host does not know sent a batch past its first sequence
+    /// (its state expired, or the topic was made again): nothing was stored, and the
+    /// producer should start again under a new id.
+    UnknownProducer,
 }
 
 /// An error answer: a class for programs and a sentence for people.

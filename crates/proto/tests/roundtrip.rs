@@ -155,7 +155,7 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn error() -> impl Strategy<Value = WireError> {
-    (0usize..9, ".{0,20}").prop_map(|(c, message)| {
+    (0usize..11, ".{0,20}").prop_map(|(c, message)| {
         let code = [
             ErrorCode::NotFound,
             ErrorCode::Exists,
@@ -166,6 +166,8 @@ fn error() -> impl Strategy<Value = WireError> {
             ErrorCode::Internal,
             ErrorCode::TooLarge,
             ErrorCode::Unsupported,
+            ErrorCode::LimitReached,
+            ErrorCode::UnknownProducer,
         ][c];
         WireError { code, message }
     })

@@ -54,9 +54,18 @@ async fn a_resent_batch_is_stored_once_even_after_a_restart() {
     );
     // The same batch again, as after a lost acknowledgement: same offsets, nothing stored.
     assert_eq!(conn.request(first, false).await.unwrap(), published(0, 2));
+    // A producer the host does not know must start at sequence 0: anything later may
+    // follow batches stored before (an expired producer, a topic made again), so nothing is
+    // stored and the producer is told to start again.
+    let e = conn
+        .request(idempotent(&["x"], 8, 5), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownProducer), "{e}");
+    assert!(e.to_string().contains("not known to topic 't'"), "{e}");
     // Another producer has its own sequence.
     assert_eq!(
-        conn.request(idempotent(&["x"], 8, 5), false).await.unwrap(),
+        conn.request(idempotent(&["x"], 8, 0), false).await.unwrap(),
         published(2, 1)
     );
     assert_eq!(
@@ -89,7 +98,7 @@ async fn a_resent_batch_is_stored_once_even_after_a_restart() {
         published(3, 1)
     );
     assert_eq!(
-        conn.request(idempotent(&["x"], 8, 5), false).await.unwrap(),
+        conn.request(idempotent(&["x"], 8, 0), false).await.unwrap(),
         published(2, 1)
     );
     assert_eq!(
@@ -105,17 +114,49 @@ async fn a_resent_batch_is_stored_once_even_after_a_restart() {
         .collect();
     assert_eq!(got, want);
 
-    // Deleting the topic forgets its producers: a new topic of the same name starts over.
+    // Deleting the topic forgets its producers: a new topic of the same name starts over,
+    // and a producer going on from where it was on the old topic is unknown there.
     c.delete_topic("t").await.unwrap();
     c.create_topic("t", Some("peer1"), Retention::default())
         .await
         .unwrap();
+    let e = conn
+        .request(idempotent(&["old"], 7, 3), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownProducer), "{e}");
     assert_eq!(
         conn.request(idempotent(&["new"], 7, 0), false)
             .await
             .unwrap(),
         published(0, 1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_starts_a_new_producer_when_the_host_forgot_its_own() {
+    let cluster = Cluster::start(1).await.unwrap();
+    let c = cluster.client();
+    c.create_topic("t", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(c.publish("t", format!("a{i}")).await.unwrap(), i);
+    }
+    // Another client deletes and makes the topic again: the host knows nothing of this
+    // client's producer, which is three batches into its sequence.
+    let other = cluster.client();
+    other.delete_topic("t").await.unwrap();
+    other
+        .create_topic("t", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(c.publish("t", format!("b{i}")).await.unwrap(), i);
+    }
+    let got = pull_all(&c, "t", "reader").await;
+    let want: Vec<(u64, Vec<u8>)> = (0..3).map(|i| (i, format!("b{i}").into_bytes())).collect();
+    assert_eq!(got, want, "each message once, under the new producer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -186,4 +227,38 @@ async fn closing_connections_mid_stream_loses_and_duplicates_nothing() {
         assert_eq!(payload, format!("m{i}").as_bytes());
     }
     assert_eq!(c.topic_stats("t").await.unwrap().next_offset, N as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_bounds_its_idempotent_producers() {
+    // The per-topic limit of the peer (4,096 producers remembered).
+    const LIMIT: u64 = 4096;
+    let cluster = Cluster::start(1).await.unwrap();
+    let c = cluster.client();
+    c.create_topic("t", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    let conn = Connection::connect(&cluster.peer_addr(0), None)
+        .await
+        .unwrap();
+    for p in 0..LIMIT {
+        assert_eq!(
+            conn.request(idempotent(&["m"], p, 0), false).await.unwrap(),
+            published(p, 1)
+        );
+    }
+    // All of them were active just now, so none may be forgotten for a new one (it might
+    // still be resending): the new producer is refused, and nothing is stored.
+    let e = conn
+        .request(idempotent(&["m"], LIMIT, 0), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitReached), "{e}");
+    assert!(e.to_string().contains("4096 idempotent producers"), "{e}");
+    // Known producers go on, and plain publishes are not limited.
+    assert_eq!(
+        conn.request(idempotent(&["n"], 0, 1), false).await.unwrap(),
+        published(LIMIT, 1)
+    );
+    assert_eq!(c.publish_batch("t", &["plain"]).await.unwrap(), LIMIT + 1);
 }
