@@ -389,6 +389,7 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
             } else {
                 None
             },
+            keeps_identity: bool::arbitrary(u)?,
         }),
         2 => Request::Keepalive(auth(u)?),
         3 => Request::Leave(auth(u)?),

@@ -11,14 +11,16 @@ impl Client {
     /// over the live peers, least loaded first. Every name must be valid, new and listed
     /// once, or nothing is created. Returns how many topics each host took.
     ///
-    /// The request must fit in one frame (8 MiB): split larger sets, about 100,000 names of
-    /// 60 bytes each at most per call.
+    /// One request creates at most [`peerbus_proto::MAX_CREATE_TOPICS`] topics (and must
+    /// fit in one 8 MiB frame): split larger sets.
     pub async fn create_topics(
         &self,
         topics: Vec<String>,
         peer: Option<&str>,
         retention: Retention,
     ) -> Result<Vec<CreatedOn>> {
+        peerbus_proto::check_create_count(topics.len())
+            .map_err(|e| ClientError::Invalid(e.message))?;
         for t in &topics {
             peerbus_proto::validate_topic(t)?;
         }

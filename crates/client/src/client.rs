@@ -54,6 +54,10 @@ struct Inner {
 /// again instead of holding every answer it ever got.
 const MAX_LOCATIONS: usize = 1 << 16;
 
+/// Topics a client keeps a publish batcher for; past it, the idle ones are dropped, so a
+/// gateway publishing to names from anyone does not keep one per name it ever saw.
+const MAX_BATCHERS: usize = 1 << 16;
+
 /// Pull positions a client keeps at most; past it, a subscriber's last batch is read
 /// again instead of committed (at-least-once either way).
 const MAX_PULLED: usize = 1 << 16;
@@ -353,10 +357,18 @@ impl Client {
             // Looked up before inserting, so a publish to a known topic allocates nothing.
             match batchers.get(topic) {
                 Some(b) => b.clone(),
-                None => batchers
-                    .entry(topic.to_string())
-                    .or_insert_with(|| Arc::new(Batcher::new()))
-                    .clone(),
+                None => {
+                    if batchers.len() >= MAX_BATCHERS {
+                        // Only the map holds an idle batcher: nobody can be publishing
+                        // through it, and a later publish to its topic starts a new one
+                        // (under a new producer id, which the host de-duplicates apart).
+                        batchers.retain(|_, b| Arc::strong_count(b) > 1);
+                    }
+                    batchers
+                        .entry(topic.to_string())
+                        .or_insert_with(|| Arc::new(Batcher::new()))
+                        .clone()
+                }
             }
         };
         let start = {

@@ -31,10 +31,61 @@ pub(crate) struct PeerRecord {
     /// Lease deadline on the wall clock, so a quickly restarted index still honours it.
     pub expires_ms: u64,
     pub active: bool,
-    /// Times of the registrations of the last 30 days, oldest first.
+    /// Times of the registrations of the last 30 days, oldest first (at most
+    /// [`MAX_REGISTRATIONS_KEPT`]).
     pub registrations: Vec<u64>,
     pub last_registered_ms: u64,
+    /// The peer saves its identity, so its name is kept for it for [`NAME_GRACE_MS`] after
+    /// its lease ends.
+    pub keeps_identity: bool,
 }
+
+/// [`PeerRecord`] as stored before peers said whether they keep their identity.
+#[derive(Debug, Deserialize)]
+struct LegacyPeerRecord {
+    name: String,
+    addr: String,
+    http: Option<String>,
+    cookie: String,
+    expires_ms: u64,
+    active: bool,
+    registrations: Vec<u64>,
+    last_registered_ms: u64,
+}
+
+impl PeerRecord {
+    /// Decodes a stored record, also in its earlier form (whose peers then count as not
+    /// keeping their identity, as the index treated them then).
+    pub fn decode(v: &[u8]) -> Result<PeerRecord, postcard::Error> {
+        postcard::from_bytes(v).or_else(|e| {
+            let old: LegacyPeerRecord = postcard::from_bytes(v).map_err(|_| e)?;
+            Ok(PeerRecord {
+                name: old.name,
+                addr: old.addr,
+                http: old.http,
+                cookie: old.cookie,
+                expires_ms: old.expires_ms,
+                active: old.active,
+                registrations: old.registrations,
+                last_registered_ms: old.last_registered_ms,
+                keeps_identity: false,
+            })
+        })
+    }
+}
+
+/// How long the name of a peer that keeps its identity stays reserved for it after its
+/// lease ends (it is restarting, or down for maintenance): a newcomer under that name is
+/// refused meanwhile, so nobody can take over a resting peer's name and its topics.
+pub(crate) const NAME_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// How long the index remembers a peer whose lease ended: its identity, cookie and
+/// registration count. After that its record goes, and its name is free.
+pub(crate) const RECORD_RETENTION_MS: u64 = REGISTRATION_WINDOW_MS;
+
+/// Registration times one record keeps at most, so a peer that restarts in a loop does not
+/// grow its record (written again on every keepalive) without bound.
+pub(crate) const MAX_REGISTRATIONS_KEPT: usize = 1000;
 
 /// One modification of the registry, for the caller to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +310,9 @@ pub(crate) struct Registry {
     /// `(expires_ms, id)` of active peers, so expiry only looks at the peers that are due
     /// and can run before every request for the cost of one comparison.
     leases: BTreeSet<(u64, u64)>,
+    /// `(expires_ms, id)` of inactive peers, oldest first, so forgetting them after
+    /// [`RECORD_RETENTION_MS`] only looks at the ones that are due.
+    resting: BTreeSet<(u64, u64)>,
     /// A BTreeMap so listing by prefix is a range scan, whatever the number of topics.
     directory: BTreeMap<String, u64>,
     /// File hash → holder id → the holder's entry. Only live peers hold files (leaving and
@@ -352,6 +406,7 @@ impl Registry {
             peers: BTreeMap::new(),
             names: HashMap::new(),
             leases: BTreeSet::new(),
+            resting: BTreeSet::new(),
             directory: BTreeMap::new(),
             files: HashMap::new(),
             syncs: HashMap::new(),
@@ -380,6 +435,8 @@ impl Registry {
             reg.names.insert(rec.name.clone(), id);
             if rec.active {
                 reg.leases.insert((rec.expires_ms, id));
+            } else {
+                reg.resting.insert((rec.expires_ms, id));
             }
             reg.peers.insert(
                 id,
@@ -492,6 +549,20 @@ impl Registry {
                     ),
                 ));
             }
+            let kept_until = h.expires_ms.saturating_add(NAME_GRACE_MS);
+            if h.keeps_identity && now_ms < kept_until {
+                return Err(WireError::new(
+                    ErrorCode::Exists,
+                    format!(
+                        "peer name '{}' is kept for peer {holder}, whose lease ended {} s ago, \
+                         for another {} s: start that peer again with its data directory \
+                         (it keeps its identity there), or choose another name",
+                        req.name,
+                        now_ms.saturating_sub(h.expires_ms) / 1000,
+                        (kept_until - now_ms).div_ceil(1000)
+                    ),
+                ));
+            }
             replaced = Some(holder);
         }
 
@@ -506,6 +577,8 @@ impl Registry {
                 let peer = self.peers.get_mut(&id).expect("resumed peer exists");
                 if peer.rec.active {
                     self.leases.remove(&(peer.rec.expires_ms, id));
+                } else {
+                    self.resting.remove(&(peer.rec.expires_ms, id));
                 }
                 if peer.rec.name != req.name {
                     self.names.remove(&peer.rec.name);
@@ -520,7 +593,11 @@ impl Registry {
                 rec.registrations
                     .retain(|&t| now_ms.saturating_sub(t) < REGISTRATION_WINDOW_MS);
                 rec.registrations.push(now_ms);
+                if rec.registrations.len() > MAX_REGISTRATIONS_KEPT {
+                    rec.registrations.remove(0);
+                }
                 rec.last_registered_ms = now_ms;
+                rec.keeps_identity = req.keeps_identity;
                 id
             }
             None => {
@@ -540,6 +617,7 @@ impl Registry {
                             active: true,
                             registrations: vec![now_ms],
                             last_registered_ms: now_ms,
+                            keeps_identity: req.keeps_identity,
                         },
                         topics: BTreeSet::new(),
                         files: BTreeSet::new(),
@@ -593,10 +671,21 @@ impl Registry {
     }
 
     /// Ends every lease due by `now_ms` (a deadline equal to `now_ms` is due): those peers
-    /// become inactive and lose their topics and files.
+    /// become inactive and lose their topics and files. Also forgets the peers whose lease
+    /// ended more than [`RECORD_RETENTION_MS`] ago.
     pub fn expire(&mut self, now_ms: u64) -> (Vec<Expired>, Vec<Change>) {
         let mut expired = Vec::new();
         let mut changes = Vec::new();
+        while let Some(&(ended, id)) = self.resting.first() {
+            if ended.saturating_add(RECORD_RETENTION_MS) > now_ms {
+                break;
+            }
+            tracing::info!(
+                "forgetting peer {id} ({}): its lease ended over 30 days ago",
+                self.peers[&id].rec.name
+            );
+            self.forget_peer(id, &mut changes);
+        }
         while let Some(&(deadline, id)) = self.leases.first() {
             if deadline > now_ms {
                 break;
@@ -622,6 +711,7 @@ impl Registry {
         }
         self.leases.remove(&(peer.rec.expires_ms, id));
         peer.rec.active = false;
+        self.resting.insert((peer.rec.expires_ms, id));
         let topics = std::mem::take(&mut peer.topics);
         let topic_count = topics.len();
         for t in topics {
@@ -641,6 +731,7 @@ impl Registry {
     fn forget_peer(&mut self, id: u64, changes: &mut Vec<Change>) {
         self.deactivate(id, changes);
         if let Some(peer) = self.peers.remove(&id) {
+            self.resting.remove(&(peer.rec.expires_ms, id));
             self.names.remove(&peer.rec.name);
             changes.retain(|c| !matches!(c, Change::Peer(p, _) if *p == id));
             changes.push(Change::PeerRemoved(id));
@@ -1160,6 +1251,7 @@ mod tests {
             addr: format!("{name}.example:7000"),
             http: None,
             previous,
+            keeps_identity: true,
         }
     }
 
@@ -1311,8 +1403,16 @@ mod tests {
             e.message,
             "peer name 'a' is taken by active peer 1 at a.example:7000"
         );
+        // A peer that does not keep its identity cannot come back with it: its name is
+        // free as soon as it has left.
+        let volatile = |previous| RegisterPeer {
+            keeps_identity: false,
+            ..req("a", previous)
+        };
+        reg.register(&volatile(Some(a.clone())), cookie(1), T0)
+            .unwrap();
         reg.leave(&a).unwrap();
-        let (r, changes) = reg.register(&req("a", None), cookie(5), T0).unwrap();
+        let (r, changes) = reg.register(&volatile(None), cookie(5), T0).unwrap();
         assert_eq!(
             r.peer_id, 2,
             "the inactive record is replaced by a fresh id"
@@ -1321,6 +1421,119 @@ mod tests {
         assert!(changes.contains(&Change::PeerRemoved(1)));
         assert!(!changes.iter().any(|c| matches!(c, Change::Peer(1, _))));
         assert_eq!(reg.list_peers(T0).len(), 1);
+    }
+
+    #[test]
+    fn a_resting_peer_keeps_its_name_for_a_day() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        // Its lease ends (a restart, maintenance): a newcomer may not take the name.
+        reg.expire(T0 + TTL);
+        let ended = T0 + TTL;
+        let e = reg
+            .register(&req("a", None), cookie(5), ended + 1000)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Exists);
+        assert!(e.message.contains("is kept for peer 1"), "{e:?}");
+        assert!(e.message.contains("choose another name"), "{e:?}");
+        let e = reg
+            .register(&req("a", None), cookie(5), ended + NAME_GRACE_MS - 1)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Exists);
+        // The peer itself comes back with its identity at any time.
+        let (r, _) = reg
+            .register(&req("a", Some(a.clone())), cookie(6), ended + 1000)
+            .unwrap();
+        assert!(r.resumed);
+        assert_eq!(r.peer_id, 1);
+        // After the grace, the name is free again.
+        reg.leave(&a).unwrap();
+        let later = ended + 1000 + TTL + NAME_GRACE_MS;
+        let (r, _) = reg.register(&req("a", None), cookie(7), later).unwrap();
+        assert_eq!((r.peer_id, r.replaced), (2, Some(1)));
+    }
+
+    #[test]
+    fn resting_peers_are_forgotten_after_thirty_days() {
+        let mut reg = Registry::new(TTL);
+        register(&mut reg, "a", T0);
+        let b = register(&mut reg, "b", T0);
+        reg.expire(T0 + TTL);
+        // b comes back and stays; a does not.
+        reg.register(&req("b", Some(b.clone())), cookie(9), T0 + TTL)
+            .unwrap();
+        let (_, changes) = reg.expire(T0 + TTL + RECORD_RETENTION_MS - 1);
+        assert!(!changes.contains(&Change::PeerRemoved(1)));
+        reg.register(
+            &req("b", Some(b.clone())),
+            cookie(9),
+            T0 + TTL + RECORD_RETENTION_MS - 1,
+        )
+        .unwrap();
+        let (_, changes) = reg.expire(T0 + TTL + RECORD_RETENTION_MS);
+        assert!(changes.contains(&Change::PeerRemoved(1)), "{changes:?}");
+        assert!(!changes.contains(&Change::PeerRemoved(2)));
+        let names: Vec<String> = reg
+            .list_peers(T0 + TTL + RECORD_RETENTION_MS)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["b"]);
+        // Its name is free.
+        let (r, _) = reg
+            .register(&req("a", None), cookie(3), T0 + TTL + RECORD_RETENTION_MS)
+            .unwrap();
+        assert_eq!(r.replaced, None);
+    }
+
+    #[test]
+    fn a_record_keeps_a_bounded_number_of_registrations() {
+        let mut reg = Registry::new(TTL);
+        let a = register(&mut reg, "a", T0);
+        for i in 1..=(MAX_REGISTRATIONS_KEPT as u64 + 50) {
+            reg.register(&req("a", Some(a.clone())), cookie(2), T0 + i)
+                .unwrap();
+        }
+        assert_eq!(
+            reg.peers[&1].rec.registrations.len(),
+            MAX_REGISTRATIONS_KEPT
+        );
+    }
+
+    #[test]
+    fn records_stored_before_keeps_identity_still_load() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            name: &'a str,
+            addr: &'a str,
+            http: Option<&'a str>,
+            cookie: &'a str,
+            expires_ms: u64,
+            active: bool,
+            registrations: Vec<u64>,
+            last_registered_ms: u64,
+        }
+        let old = postcard::to_allocvec(&Old {
+            name: "a",
+            addr: "h:1",
+            http: None,
+            cookie: "c",
+            expires_ms: 5,
+            active: false,
+            registrations: vec![1, 2],
+            last_registered_ms: 2,
+        })
+        .unwrap();
+        let rec = PeerRecord::decode(&old).unwrap();
+        assert_eq!((rec.name.as_str(), rec.expires_ms), ("a", 5));
+        assert!(!rec.keeps_identity);
+        let new = postcard::to_allocvec(&PeerRecord {
+            keeps_identity: true,
+            ..rec
+        })
+        .unwrap();
+        assert!(PeerRecord::decode(&new).unwrap().keeps_identity);
+        assert!(PeerRecord::decode(&[0xff; 3]).is_err());
     }
 
     #[test]
@@ -1925,6 +2138,7 @@ mod scale {
                     addr: "h:1".into(),
                     http: None,
                     previous: None,
+                    keeps_identity: false,
                 },
                 "c".into(),
                 0,
@@ -1958,6 +2172,7 @@ mod scale {
                     addr: "h:1".into(),
                     http: None,
                     previous: None,
+                    keeps_identity: false,
                 },
                 "c".into(),
                 0,

@@ -63,6 +63,10 @@ fn relay(result: Result<Response, ClientError>) -> Result<Response, WireError> {
     }
 }
 
+/// Most participants the index keeps: a bound on what anyone reaching the classic API can
+/// make it remember, and, with names of at most 255 bytes, a list that fits in one frame.
+pub(crate) const MAX_PARTICIPANTS: usize = 10_000;
+
 /// The answer about a participant that is not registered, worded as gateways show it.
 fn participant_not_found(name: &str) -> WireError {
     WireError::new(
@@ -421,7 +425,8 @@ impl IndexService {
                 topics,
                 retention,
                 peer,
-            } => match TopicSet::distinct(topics)
+            } => match peerbus_proto::check_create_count(topics.len())
+                .and_then(|()| TopicSet::distinct(topics))
                 .and_then(|set| self.read(|reg, _| reg.plan_create_many(set, peer.as_deref())))
             {
                 Ok(plan) => {
@@ -523,12 +528,24 @@ impl IndexService {
 
     fn register_participant(&self, name: String) -> Result<Response, WireError> {
         peerbus_proto::validate_subscriber(&name)?;
-        if !self.participants().insert(name.clone()) {
+        let mut participants = self.participants();
+        if participants.contains(&name) {
             return Err(WireError::new(
                 ErrorCode::Exists,
                 format!("peer '{name}' is already registered"),
             ));
         }
+        if participants.len() >= MAX_PARTICIPANTS {
+            return Err(WireError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "the index has {MAX_PARTICIPANTS} participants registered, its limit: \
+                     unregister some first"
+                ),
+            ));
+        }
+        participants.insert(name.clone());
+        drop(participants);
         tracing::info!("participant {name} registered");
         Ok(Response::Ok)
     }

@@ -84,7 +84,7 @@ pub(crate) fn load(backend: &dyn Backend, ttl_ms: u64) -> Result<(Registry, Vec<
     let mut peers = Vec::new();
     for (key, value) in backend.scan(Table::Peers)? {
         let id = be_u64(&key, || "a peer key".into())?;
-        let rec: PeerRecord = postcard::from_bytes(&value)
+        let rec = PeerRecord::decode(&value)
             .map_err(|e| StoreError::Corrupt(format!("record of peer {id}: {e}")))?;
         peers.push((id, rec));
     }
@@ -133,6 +133,7 @@ mod tests {
                     addr: "127.0.0.1:1".into(),
                     http: Some("127.0.0.1:2".into()),
                     previous: None,
+                    keeps_identity: false,
                 },
                 "c".repeat(32),
                 1_000,
@@ -182,6 +183,7 @@ mod tests {
                     addr: "127.0.0.1:3".into(),
                     http: None,
                     previous: None,
+                    keeps_identity: false,
                 },
                 "d".repeat(32),
                 2_000,

@@ -42,6 +42,7 @@ async fn register(
         addr: addr.into(),
         http: None,
         previous,
+        keeps_identity: false,
     });
     match conn.request(req, false).await? {
         Response::Registered {

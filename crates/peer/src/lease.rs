@@ -103,6 +103,7 @@ async fn register(node: &Node, conn: &Connection) -> Result<(PeerAuth, Duration)
         addr: node.advertise.clone(),
         http: node.config.http.clone(),
         previous: previous.clone(),
+        keeps_identity: node.config.data.is_some(),
     };
     let resp = match conn.request(Request::Register(req.clone()), false).await {
         Err(e) if previous.is_some() && e.code() == Some(ErrorCode::Unauthorized) => {

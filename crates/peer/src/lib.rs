@@ -5,6 +5,7 @@
 //! storage writer (group commit); the acknowledgement goes out once the batch is durable for
 //! the configured [`Durability`], and only then do readers see it.
 
+mod cursors;
 mod fetch;
 mod lease;
 mod node;

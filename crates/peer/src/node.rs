@@ -15,6 +15,7 @@ use peerbus_proto::{
 use peerbus_store::{Backend, Op, Table, TopicMeta, Writer};
 use tokio_util::sync::CancellationToken;
 
+use crate::cursors::Cursors;
 use crate::fetch::FetchLimits;
 use crate::lease::LeaseCell;
 use crate::producers::{Admission, Produced, Producers, parse_producer_key, producer_key};
@@ -141,8 +142,8 @@ impl Node {
                 retained.skip_to(offset);
                 retained.push(size, ts);
             }
-            let subscribers: BTreeMap<String, u64> =
-                backend.offsets(meta.id)?.into_iter().collect();
+            let subscribers =
+                Cursors::load(backend.offsets(meta.id)?.into_iter().collect(), loaded_ms);
             let topic = Topic::new(
                 tname.clone(),
                 meta.id,
@@ -515,7 +516,7 @@ impl Node {
             retention,
             meta.created_ms,
             Retained::starting_at(0),
-            BTreeMap::new(),
+            Cursors::default(),
             self.tails.clone(),
         ));
         {
@@ -696,6 +697,8 @@ impl Node {
                 recorded: p,
             });
         }
+        let expired = st.subscribers.sweep(now);
+        ops.extend(expired_subscriber_ops(t, expired));
         let min = st.min_committed();
         let cut = st.retained.cutoff(&t.retention, now, min);
         if cut > st.retained.low() {
@@ -815,11 +818,9 @@ impl Node {
             // The deletion is queued already; a commit after it would bring rows back.
             return;
         }
-        match st.subscribers.get_mut(subscriber) {
-            Some(o) if *o >= offset => return,
-            Some(o) => *o = offset,
-            // Unsubscribed meanwhile: do not bring it back.
-            None => return,
+        // Not at all when unsubscribed meanwhile: that does not bring it back.
+        if !st.subscribers.advance(subscriber, offset, now_ms()) {
+            return;
         }
         ops.push(Op::SetOffset {
             topic_id: t.id,
@@ -881,15 +882,23 @@ impl Node {
         if t.deleted.is_cancelled() {
             return Err(WireError::topic_not_found(&t.name));
         }
-        let current = st.subscribers.get(&s.subscriber).copied();
+        let now = now_ms();
+        let current = st.subscribers.get(&s.subscriber);
         let pos = st.start_position(current, s.from, hw);
         if current != Some(pos) {
-            st.subscribers.insert(s.subscriber.clone(), pos);
-            self.store_detached(vec![Op::SetOffset {
+            let expired = st.subscribers.set(&t.name, &s.subscriber, pos, now)?;
+            let mut ops = expired_subscriber_ops(t, expired);
+            ops.push(Op::SetOffset {
                 topic_id: t.id,
                 subscriber: s.subscriber.clone(),
                 offset: pos,
-            }]);
+            });
+            self.store_detached(ops);
+        } else {
+            st.subscribers.touch(&s.subscriber, now);
+        }
+        if s.follow.is_some() {
+            st.subscribers.follow_started(&s.subscriber, now);
         }
         Ok(pos)
     }
@@ -954,7 +963,7 @@ impl Node {
         if t.deleted.is_cancelled() {
             return Err(WireError::topic_not_found(&t.name));
         }
-        if !st.subscribers.contains_key(subscriber) {
+        if !st.subscribers.contains(subscriber) {
             return Err(WireError::new(
                 ErrorCode::NotFound,
                 format!("'{subscriber}' is not subscribed to topic '{}'", t.name),
@@ -975,6 +984,24 @@ impl Node {
             retention: t.retention,
         }
     }
+}
+
+/// The ops that remove the stored positions of subscribers that expired.
+fn expired_subscriber_ops(t: &Topic, expired: Vec<String>) -> Vec<Op> {
+    if !expired.is_empty() {
+        tracing::info!(
+            "forgetting {} subscribers of topic '{}' unused for a week",
+            expired.len(),
+            t.name
+        );
+    }
+    expired
+        .into_iter()
+        .map(|subscriber| Op::DeleteOffset {
+            topic_id: t.id,
+            subscriber,
+        })
+        .collect()
 }
 
 /// What [`Node::append`] did with a batch.
@@ -1224,7 +1251,12 @@ impl Service for PeerService {
                                 .insert((conn.id, sub), stop.clone());
                             let (node, conn) = (node.clone(), conn.clone());
                             tokio::spawn(async move {
-                                follow(&node, &conn, t, sub, pos, stop).await;
+                                follow(&node, &conn, t.clone(), sub, pos, stop).await;
+                                t.state
+                                    .lock()
+                                    .expect("topic lock")
+                                    .subscribers
+                                    .follow_ended(&s.subscriber, now_ms());
                                 node.follows
                                     .lock()
                                     .expect("follows lock")
@@ -1264,8 +1296,7 @@ impl Service for PeerService {
                     .lock()
                     .expect("topic lock")
                     .subscribers
-                    .remove(&subscriber)
-                    .is_some();
+                    .remove(&subscriber);
                 let r = if removed {
                     node.store_detached(vec![Op::DeleteOffset {
                         topic_id: t.id,
@@ -1288,8 +1319,8 @@ impl Service for PeerService {
                     .expect("topic lock")
                     .subscribers
                     .iter()
-                    .map(|(name, &next_offset)| SubscriberInfo {
-                        name: name.clone(),
+                    .map(|(name, next_offset)| SubscriberInfo {
+                        name: name.to_string(),
                         next_offset,
                     })
                     .collect();
@@ -1659,6 +1690,7 @@ impl Node {
         mut topics: Vec<String>,
         retention: Retention,
     ) -> Result<Response, WireError> {
+        peerbus_proto::check_create_count(topics.len())?;
         for t in &topics {
             peerbus_proto::validate_topic(t)?;
         }
@@ -1739,7 +1771,7 @@ impl Node {
                 retention,
                 created_ms,
                 Retained::starting_at(0),
-                BTreeMap::new(),
+                Cursors::default(),
                 self.tails.clone(),
             )));
             ops.push(Op::PutTopic { name, meta });

@@ -1,7 +1,7 @@
 //! A hosted topic: its offsets, retention accounting, subscribers and the durable high
 //! watermark that wakes readers.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +9,7 @@ use peerbus_proto::{Batch, MessageSet, Retention, StartFrom};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cursors::Cursors;
 use crate::producers::Producers;
 use crate::retention::Retained;
 
@@ -32,7 +33,7 @@ pub(crate) struct Topic {
 #[derive(Debug)]
 pub(crate) struct TopicState {
     pub retained: Retained,
-    pub subscribers: BTreeMap<String, u64>,
+    pub subscribers: Cursors,
     /// The last batch of each idempotent producer, by producer id, so a resent batch is
     /// answered with its offsets instead of being stored twice. Recorded when the batch is
     /// queued for storage (not when durable), so a retry racing the original finds it.
@@ -236,7 +237,7 @@ impl Topic {
         retention: Retention,
         created_ms: u64,
         retained: Retained,
-        subscribers: BTreeMap<String, u64>,
+        subscribers: Cursors,
         tails: TailBudget,
     ) -> Topic {
         let next = retained.next();
@@ -295,7 +296,7 @@ impl TopicState {
     }
 
     pub fn min_committed(&self) -> Option<u64> {
-        self.subscribers.values().copied().min()
+        self.subscribers.min()
     }
 }
 
@@ -317,7 +318,7 @@ mod tests {
             Retention::default(),
             0,
             retained,
-            BTreeMap::new(),
+            Cursors::default(),
             TailBudget::default(),
         );
         let st = t.state.lock().unwrap();

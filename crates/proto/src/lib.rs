@@ -38,6 +38,26 @@ pub const SYNC_FILES_CHUNK: usize = 4_096;
 /// a host beside its payload (lengths, timestamps, retention entries).
 pub const MAX_BATCH_MESSAGES: usize = 1 << 18;
 
+/// Topics one [`Request::CreateTopics`] may create: enough to make a million topics in 50
+/// requests, few enough that the index places one request's topics (under the lock that
+/// lease renewals also need) in milliseconds, and that a peer's in-memory topics for it stay
+/// a bounded cost of one request.
+pub const MAX_CREATE_TOPICS: usize = 20_000;
+
+/// Refuses a [`Request::CreateTopics`] of more than [`MAX_CREATE_TOPICS`] topics.
+pub fn check_create_count(count: usize) -> Result<(), WireError> {
+    if count > MAX_CREATE_TOPICS {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "a request to create {count} topics is over the {MAX_CREATE_TOPICS} topic \
+                 limit of one request: send them in parts"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The largest payload a single message may carry by default (8 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 8 * 1024 * 1024;
 

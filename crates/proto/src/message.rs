@@ -408,6 +408,10 @@ pub struct RegisterPeer {
     pub http: Option<String>,
     /// Id and cookie from an earlier registration, to keep the same identity.
     pub previous: Option<PeerAuth>,
+    /// True when the peer saves its identity (it has a data directory), so it comes back
+    /// with it after a restart: the index then keeps its name for it for a while after its
+    /// lease ends, instead of letting the first newcomer take it.
+    pub keeps_identity: bool,
 }
 
 /// A peer's identity and the secret that proves it.

@@ -62,16 +62,18 @@ fn request() -> impl Strategy<Value = Request> {
             name(),
             name(),
             any::<Option<String>>(),
-            prop::option::of(auth())
+            prop::option::of(auth()),
+            any::<bool>()
         )
-            .prop_map(
-                |(name, addr, http, previous)| Request::Register(RegisterPeer {
+            .prop_map(|(name, addr, http, previous, keeps_identity)| {
+                Request::Register(RegisterPeer {
                     name,
                     addr,
                     http,
-                    previous
+                    previous,
+                    keeps_identity,
                 })
-            ),
+            }),
         auth().prop_map(Request::Keepalive),
         auth().prop_map(Request::Leave),
         Just(Request::ListPeers),

@@ -177,6 +177,47 @@ async fn bulk_create_on_a_named_peer_or_sent_to_a_peer_hosts_them_there() {
     assert!(c.lookup("direct.x").await.is_err());
 }
 
+/// One request creates a bounded number of topics, at the index and at a peer: a larger
+/// one is refused whole, with the limit in the answer, and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_creates_a_bounded_number_of_topics() {
+    let cluster = Cluster::start(1).await.unwrap();
+    let c = cluster.client();
+    let too_many = names("many", peerbus_proto::MAX_CREATE_TOPICS + 1);
+    for addr in [cluster.index_addr(), cluster.peer_addr(0)] {
+        let e = c
+            .request_at(
+                &addr,
+                Request::CreateTopics {
+                    topics: too_many.clone(),
+                    retention: Retention::default(),
+                    peer: None,
+                },
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{addr}: {e}");
+        assert!(e.to_string().contains("20000 topic limit"), "{e}");
+    }
+    // The library refuses it before sending.
+    let e = c
+        .create_topics(too_many, None, Retention::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("send them in parts"), "{e}");
+    assert_eq!(count_under(&c, "many.").await, 0);
+    // At the limit it goes through.
+    let at_limit = names("many", peerbus_proto::MAX_CREATE_TOPICS);
+    c.create_topics(at_limit, None, Retention::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        count_under(&c, "many.").await,
+        peerbus_proto::MAX_CREATE_TOPICS
+    );
+}
+
 /// A peer hosting more topics than one frame can name (in chunks) re-announces all of them
 /// after an index restart, drops at the index what it no longer hosts, and the paged list
 /// shows every one.

@@ -119,6 +119,7 @@ async fn register(conn: &Connection, name: &str, previous: Option<PeerAuth>) -> 
                 addr: format!("127.0.0.1:{}", 40000 + name.len()),
                 http: None,
                 previous,
+                keeps_identity: false,
             }),
             true,
         )
@@ -232,6 +233,7 @@ async fn a_peer_cannot_act_in_another_peers_name_or_take_its_identity() {
                     addr: "127.0.0.1:40999".into(),
                     http: None,
                     previous: Some(forged.clone()),
+                    keeps_identity: false,
                 }),
                 true,
             )
@@ -252,6 +254,7 @@ async fn a_peer_cannot_act_in_another_peers_name_or_take_its_identity() {
                 addr: "127.0.0.1:40998".into(),
                 http: None,
                 previous: None,
+                keeps_identity: false,
             }),
             true,
         )
@@ -304,4 +307,54 @@ async fn a_peer_cannot_act_in_another_peers_name_or_take_its_identity() {
 
     stop.cancel();
     index.wait().await;
+}
+
+/// A peer that keeps its identity (it has a data directory) keeps its name while it rests:
+/// a newcomer registering under it after the lease ended is refused, and the real peer,
+/// restarted, comes back as itself and serves its topics again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_peers_name_cannot_be_taken() {
+    let mut cluster = peerbus_testkit::Cluster::start_with(peerbus_testkit::ClusterOptions {
+        peers: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = cluster.client();
+    c.create_topic("kept", Some("peer1"), Retention::default())
+        .await
+        .unwrap();
+    c.publish("kept", "before").await.unwrap();
+    let before = c.peers().await.unwrap()[0].id;
+    cluster.stop_peer(0).await;
+
+    // Stopped cleanly, the peer left: its lease is over. A newcomer may not take its name.
+    let squatter = Connection::connect(&cluster.index_addr(), None)
+        .await
+        .unwrap();
+    let r = squatter
+        .request(
+            Request::Register(RegisterPeer {
+                name: "peer1".into(),
+                addr: "127.0.0.1:40997".into(),
+                http: None,
+                previous: None,
+                keeps_identity: false,
+            }),
+            true,
+        )
+        .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Exists), "{e}");
+    assert!(e.to_string().contains("is kept for peer"), "{e}");
+
+    cluster.restart_peer(0).await.unwrap();
+    let peers = c.peers().await.unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].id, before, "the peer came back as itself");
+    let set = c
+        .pull("kept", "reader", 10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(set.messages().next().unwrap().payload.as_ref(), b"before");
 }

@@ -186,6 +186,7 @@ async fn peer_run(
             addr: format!("{name}.bench.invalid:7000"),
             http: None,
             previous: None,
+            keeps_identity: false,
         }))
         .await
         .with_context(|| format!("registering {name}"))?
