@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use peerbus_proto::{
     Batch, ErrorCode, MessageSet, PeerInfo, Request, Response, Retention, StartFrom, Subscribe,
     SubscriberInfo, TopicLocation, TopicStats,
@@ -41,12 +42,31 @@ struct Inner {
     token: Option<String>,
     /// One slot per address, so connecting to a slow or dead node never delays requests to
     /// the others.
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    conns: Mutex<HashMap<String, Slot>>,
     locations: Mutex<Bounded<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
     /// Where each (topic, subscriber)'s last [`Client::pull`] ended: committed by its next
     /// pull, which is how the application says it has that batch.
     pulled: Mutex<Bounded<(String, String), u64>>,
+}
+
+/// One attempt to open a connection, shared by everyone waiting for it.
+type Attempt = Shared<BoxFuture<'static, Result<Connection>>>;
+
+/// The connection to one address: open, or being opened.
+enum Slot {
+    Open(Connection),
+    Connecting(Attempt),
+}
+
+impl std::fmt::Debug for Slot {
+    // By hand: an attempt in progress has nothing to show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Slot::Open(c) => f.debug_tuple("Open").field(c).finish(),
+            Slot::Connecting(_) => f.write_str("Connecting"),
+        }
+    }
 }
 
 /// Topic locations a client keeps at most. A client that touches more topics than this
@@ -140,27 +160,41 @@ impl Client {
         &self.inner.index
     }
 
-    /// A live connection to `addr`, reusing an open one.
+    /// A live connection to `addr`, reusing an open one. Callers that need one while it is
+    /// being opened share that one attempt and its outcome, so against a node that does not
+    /// answer they all fail after one connect timeout, not one after another.
     pub async fn connection(&self, addr: &str) -> Result<Connection> {
-        let slot = self
-            .inner
-            .conns
-            .lock()
-            .expect("connections lock")
-            .entry(addr.to_string())
-            .or_default()
-            .clone();
-        // Held across the connect on purpose: callers for the same address wait for one
-        // connection instead of each opening their own.
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && !c.is_closed()
+        let attempt = {
+            let mut conns = self.inner.conns.lock().expect("connections lock");
+            match conns.get(addr) {
+                Some(Slot::Open(c)) if !c.is_closed() => return Ok(c.clone()),
+                Some(Slot::Connecting(a)) => a.clone(),
+                _ => {
+                    let (target, token) = (addr.to_string(), self.inner.token.clone());
+                    let a = async move { Connection::connect(&target, token.as_deref()).await }
+                        .boxed()
+                        .shared();
+                    conns.insert(addr.to_string(), Slot::Connecting(a.clone()));
+                    a
+                }
+            }
+        };
+        let r = attempt.clone().await;
+        let mut conns = self.inner.conns.lock().expect("connections lock");
+        // Only the caller that sees its own attempt still in the slot settles it.
+        if let Some(Slot::Connecting(a)) = conns.get(addr)
+            && a.ptr_eq(&attempt)
         {
-            return Ok(c.clone());
+            match &r {
+                Ok(c) => {
+                    conns.insert(addr.to_string(), Slot::Open(c.clone()));
+                }
+                Err(_) => {
+                    conns.remove(addr);
+                }
+            }
         }
-        let c = Connection::connect(addr, self.inner.token.as_deref()).await?;
-        *slot = Some(c.clone());
-        Ok(c)
+        r
     }
 
     /// Sends a request to the node at `addr`.
@@ -474,15 +508,16 @@ impl Client {
     /// connecting it right now.
     fn ready_connection(&self, topic: &str) -> Option<Connection> {
         let addr = self.cached_host(topic)?;
-        let slot = self
+        match self
             .inner
             .conns
             .lock()
             .expect("connections lock")
             .get(&addr)?
-            .clone();
-        let slot = slot.try_lock().ok()?;
-        slot.as_ref().filter(|c| !c.is_closed()).cloned()
+        {
+            Slot::Open(c) if !c.is_closed() => Some(c.clone()),
+            _ => None,
+        }
     }
 
     /// Publishes `batch` as sequence `sequence` of this client's producer, resending the same

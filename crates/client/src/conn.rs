@@ -25,6 +25,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// reader has caught up, so nothing is lost or skipped.
 const SUB_BUFFER: usize = 64;
 
+/// How long a request waits for its answer (Kafka's `request.timeout.ms` is 30 s too), on
+/// top of any wait the request asks for itself, so a black-holed or wedged node fails the
+/// call instead of hanging it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 type Pending = oneshot::Sender<std::result::Result<Response, WireError>>;
 /// Where a request's answer (or the node's error) arrives.
 type AnswerSlot = oneshot::Receiver<std::result::Result<Response, WireError>>;
@@ -52,6 +57,8 @@ struct Shared {
     next_sub: AtomicU64,
     closed: CancellationToken,
     close_reason: Mutex<Option<String>>,
+    /// The base answer deadline in ms (see [`Connection::set_request_timeout`]).
+    request_timeout_ms: AtomicU64,
 }
 
 /// One pipelined connection to a node: any number of requests in flight, answers matched by
@@ -117,6 +124,7 @@ impl Connection {
             next_sub: AtomicU64::new(1),
             closed: CancellationToken::new(),
             close_reason: Mutex::new(None),
+            request_timeout_ms: AtomicU64::new(REQUEST_TIMEOUT.as_millis() as u64),
         });
         tokio::spawn(read_loop(shared.clone(), frames));
         Ok(Connection { shared })
@@ -151,14 +159,27 @@ impl Connection {
         }
     }
 
-    /// Sends a request and waits for its answer. Other requests may be in flight meanwhile.
-    /// `forward` lets a peer that does not host the topic forward the request to the host.
-    pub async fn request(&self, body: Request, forward: bool) -> Result<Response> {
-        let rx = self.send(body, forward).await?;
-        self.answer(rx.await)
+    /// Sets how long a request waits for its answer beyond any wait it asks for itself
+    /// (30 s unless set).
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.shared.request_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
-    async fn send(&self, body: Request, forward: bool) -> Result<AnswerSlot> {
+    /// Sends a request and waits for its answer. Other requests may be in flight meanwhile.
+    /// `forward` lets a peer that does not host the topic forward the request to the host.
+    ///
+    /// An answer that does not come within 30 s (plus the wait a long poll asks for; a
+    /// fetch waits as long as its download takes) ends the wait with
+    /// [`ClientError::Timeout`]; the connection stays open and a late answer is dropped.
+    pub async fn request(&self, body: Request, forward: bool) -> Result<Response> {
+        let deadline = self.answer_deadline(&body);
+        let what = body.kind();
+        let (id, rx) = self.send(body, forward).await?;
+        self.wait_answer(id, rx, what, deadline).await
+    }
+
+    async fn send(&self, body: Request, forward: bool) -> Result<(u32, AnswerSlot)> {
         let (id, rx) = self.expect_answer();
         if self.is_closed() {
             self.forget_answer(id);
@@ -169,7 +190,43 @@ impl Connection {
             self.forget_answer(id);
             return Err(self.closed_error());
         }
-        Ok(rx)
+        Ok((id, rx))
+    }
+
+    /// The deadline of a request's answer; `None` for a fetch, which the peer answers once
+    /// it has downloaded the whole file, however large.
+    fn answer_deadline(&self, req: &Request) -> Option<Duration> {
+        let base = Duration::from_millis(self.shared.request_timeout_ms.load(Ordering::Relaxed));
+        match req {
+            Request::Fetch { .. } => None,
+            Request::Pull { wait_ms, .. } => {
+                Some(base + Duration::from_millis(u64::from(*wait_ms)))
+            }
+            _ => Some(base),
+        }
+    }
+
+    async fn wait_answer(
+        &self,
+        id: u32,
+        rx: AnswerSlot,
+        what: &'static str,
+        deadline: Option<Duration>,
+    ) -> Result<Response> {
+        let Some(deadline) = deadline else {
+            return self.answer(rx.await);
+        };
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(r) => self.answer(r),
+            Err(_) => {
+                self.forget_answer(id);
+                Err(ClientError::Timeout {
+                    addr: self.shared.addr.clone(),
+                    what,
+                    ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+        }
     }
 
     /// Sends a request from the caller's task without waiting: `None` when the connection
@@ -180,6 +237,8 @@ impl Connection {
         body: Request,
         forward: bool,
     ) -> Option<impl Future<Output = Result<Response>> + Send + 'static> {
+        let deadline = self.answer_deadline(&body);
+        let what = body.kind();
         let (id, rx) = self.expect_answer();
         let frame = ClientFrame::Request { id, forward, body };
         if self.is_closed() || !self.shared.tx.try_send(frame.into()) {
@@ -187,7 +246,7 @@ impl Connection {
             return None;
         }
         let conn = self.clone();
-        Some(async move { conn.answer(rx.await) })
+        Some(async move { conn.wait_answer(id, rx, what, deadline).await })
     }
 
     /// A fresh request id, with the slot its answer will arrive in.

@@ -41,6 +41,17 @@ pub enum ClientError {
     /// Bad input caught before sending (invalid name, payload over the limit).
     #[error("{0}")]
     Invalid(String),
+    /// No answer came within the request's deadline; whether the node acted on the request
+    /// is unknown.
+    #[error("no answer from {addr} to {what} within {ms} ms")]
+    Timeout {
+        /// The node's address.
+        addr: String,
+        /// The kind of request.
+        what: &'static str,
+        /// How long the client waited, in milliseconds.
+        ms: u64,
+    },
 }
 
 impl ClientError {
@@ -57,7 +68,7 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Closed { .. }
+            ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Timeout { .. }
         ) || self.code() == Some(ErrorCode::Unavailable)
     }
 }

@@ -62,6 +62,7 @@ impl From<ClientError> for ApiError {
             (None, ClientError::Connect { .. } | ClientError::Closed { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            (None, ClientError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             (None, _) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
