@@ -374,7 +374,7 @@ fn small_u64(u: &mut Unstructured) -> Result<u64> {
 }
 
 fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
-    Ok(match u.int_in_range(0..=33u8)? {
+    Ok(match u.int_in_range(0..=34u8)? {
         0 => Request::Ping,
         1 => Request::Register(RegisterPeer {
             name: peer_name(u, h)?,
@@ -536,6 +536,7 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
             subscriber: subscriber(u)?,
             offset: small_u64(u)?,
         },
+        34 => Request::NodeStats,
         _ => Request::CreateTopics {
             topics: vec![topic(u)?, topic(u)?, topic(u)?],
             retention: retention(u)?,
@@ -586,6 +587,7 @@ fn every_request_kind_is_generated(r: &Request) -> u8 {
         Request::Ack { .. } => 31,
         Request::SyncTopics { .. } => 32,
         Request::SyncFiles { .. } => 33,
+        Request::NodeStats => 34,
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use peerbus_proto::{
-    Batch, ErrorCode, MessageSet, PeerInfo, Request, Response, Retention, StartFrom, Subscribe,
-    SubscriberInfo, TopicLocation, TopicStats,
+    Batch, ErrorCode, MessageSet, NodeTotals, PeerInfo, Request, Response, Retention, StartFrom,
+    Subscribe, SubscriberInfo, TopicLocation, TopicStats,
 };
 use tokio::sync::oneshot;
 
@@ -803,6 +803,14 @@ impl Client {
         match self.topic_request(topic, req).await? {
             Response::TopicStats(s) => Ok(s),
             other => Err(unexpected(topic, &other)),
+        }
+    }
+
+    /// Totals over every topic the peer at `addr` hosts: one request, however many topics.
+    pub async fn node_stats(&self, addr: &str) -> Result<NodeTotals> {
+        match self.request_at(addr, Request::NodeStats, false).await? {
+            Response::NodeStats(t) => Ok(t),
+            other => Err(unexpected(addr, &other)),
         }
     }
 }

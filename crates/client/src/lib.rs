@@ -52,7 +52,7 @@ pub use conn::{Connection, SubEvent};
 pub use error::{ClientError, Result};
 pub use files::{DownloadProgress, DownloadReport};
 pub use peerbus_proto::{
-    CreatedOn, ErrorCode, FileHit, Message, MessageSet, PeerInfo, Retention, StartFrom,
+    CreatedOn, ErrorCode, FileHit, Message, MessageSet, NodeTotals, PeerInfo, Retention, StartFrom,
     SubscriberInfo, TopicLocation, TopicStats, WireError,
 };
 pub use subscription::Subscription;

@@ -169,7 +169,15 @@ impl TopicView {
 pub(crate) struct TopicsQuery {
     /// Only topics whose name starts with this.
     prefix: Option<String>,
+    /// Only topics whose name sorts after this (the last name of the previous page).
+    after: Option<String>,
+    /// At most this many topics (default 1,000, at most 10,000); ask again with `after`
+    /// for the next page.
+    limit: Option<usize>,
 }
+
+/// Topics one `GET /api/v1/topics` lists when it is not told how many.
+const TOPICS_PAGE: usize = 1000;
 
 /// A topic's retention age: seconds, or a duration such as `"1h 30m"`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -433,15 +441,30 @@ async fn with_stats(
         .await
 }
 
-/// Topics offered by live peers, with statistics from their hosts.
+/// Topics offered by live peers in name order, a page at a time (`after`, `limit`), with
+/// statistics from their hosts.
 #[utoipa::path(get, path = "/api/v1/topics", tag = "v1", params(TopicsQuery),
     responses((status = 200, body = Vec<TopicView>), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_topics(
     State(st): State<AppState>,
     Q(q): Q<TopicsQuery>,
 ) -> Result<Json<Vec<TopicView>>, ApiError> {
-    let locs = st.client.list_topics(q.prefix.as_deref()).await?;
-    if q.prefix.is_none() {
+    let limit = q.limit.unwrap_or(TOPICS_PAGE);
+    if limit == 0 || limit > peerbus_proto::LIST_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit {limit} is out of range: ask for 1 to {} topics a page",
+            peerbus_proto::LIST_PAGE
+        )));
+    }
+    // One index page holds at least `limit` names: a page asks for the statistics of at
+    // most `limit` topics, however many the cluster has.
+    let mut locs = st
+        .client
+        .list_topics_page(q.prefix.as_deref(), q.after.as_deref())
+        .await?;
+    locs.truncate(limit);
+    if q.prefix.is_none() && q.after.is_none() && locs.len() < limit {
+        // The whole set: rates of topics gone can go too.
         st.keep_rates(
             &locs
                 .iter()
@@ -742,15 +765,20 @@ pub(crate) async fn cluster_counts(
     st: &AppState,
 ) -> Result<(usize, usize, u64, usize), peerbus_client::ClientError> {
     let peers = st.client.peers().await?;
-    let live = peers.iter().filter(|p| p.active).count();
-    let topics = st.client.list_topics(None).await?;
-    let count = topics.len();
-    let subscribers = with_stats(&st.client, topics)
-        .await
-        .iter()
-        .filter_map(|(_, s)| s.as_ref().ok())
-        .map(|s| u64::from(s.subscribers))
-        .sum();
+    let live: Vec<_> = peers.iter().filter(|p| p.active).collect();
+    // From the index's per-peer counts and one request per live peer: a scrape costs the
+    // same on a cluster of a million topics as on one of ten.
+    let topics = live.iter().map(|p| p.topics as usize).sum();
+    let addrs: Vec<String> = live.iter().map(|p| p.addr.clone()).collect();
+    let subscribers = stream::iter(addrs)
+        .map(|addr| {
+            let client = st.client.clone();
+            async move { client.node_stats(&addr).await }
+        })
+        .buffer_unordered(STATS_CONCURRENCY)
+        .filter_map(|r| async move { r.ok() })
+        .fold(0, |sum, t| async move { sum + t.subscribers })
+        .await;
     let files = st.client.search_files("").await?.len();
-    Ok((live, count, subscribers, files))
+    Ok((live.len(), topics, subscribers, files))
 }

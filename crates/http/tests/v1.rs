@@ -531,3 +531,68 @@ async fn cross_origin_writes_and_rebound_names_are_refused() -> anyhow::Result<(
     assert_eq!(s, StatusCode::NOT_FOUND);
     Ok(())
 }
+
+/// `GET /api/v1/topics` is paged (`after`, `limit`), so one call asks the hosts for the
+/// statistics of a bounded number of topics; `/metrics` takes its totals from one request
+/// per peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topics_are_listed_a_page_at_a_time_and_metrics_sum_over_peers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let gw = Gateway::start(cluster.index_addr(), "index", None).await;
+    let http = Client::new();
+    let c = cluster.client();
+    for i in 0..5 {
+        let (s, _) = post(
+            &http,
+            gw.url("/api/v1/topics"),
+            json!({"topic": format!("p.{i}")}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+        // Topic p.i gets i subscribers, on whichever peer hosts it.
+        for j in 0..i {
+            c.subscribe(&format!("p.{i}"), &format!("s{j}"), None)
+                .await?;
+        }
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|t| t["topic"].as_str().expect("a name").to_string())
+            .collect()
+    };
+    let (s, page) = get(&http, gw.url("/api/v1/topics?limit=2")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(names(&page), ["p.0", "p.1"]);
+    assert_eq!(page[1]["subscribers"], 1, "{page}");
+    let (_, page) = get(&http, gw.url("/api/v1/topics?limit=2&after=p.1")).await;
+    assert_eq!(names(&page), ["p.2", "p.3"]);
+    let (_, page) = get(&http, gw.url("/api/v1/topics?after=p.3")).await;
+    assert_eq!(names(&page), ["p.4"]);
+    for bad in ["0", "10001"] {
+        let (s, e) = get(&http, gw.url(&format!("/api/v1/topics?limit={bad}"))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("1 to 10000"), "{e}");
+    }
+
+    let text = http.get(gw.url("/metrics")).send().await?.text().await?;
+    for want in [
+        "peerbus_live_peers 2",
+        "peerbus_topics 5",
+        "peerbus_subscribers 10",
+    ] {
+        assert!(text.contains(want), "{want} not in /metrics:\n{text}");
+    }
+    // The index does not host topics and says so.
+    let e = c
+        .request_at(
+            &cluster.index_addr(),
+            peerbus_proto::Request::NodeStats,
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("ask each peer"), "{e}");
+    Ok(())
+}

@@ -477,6 +477,10 @@ impl IndexService {
                 ErrorCode::Unsupported,
                 "send fetch to the peer that should download",
             )),
+            Request::NodeStats => Err(WireError::new(
+                ErrorCode::Unsupported,
+                "the index hosts no topics: ask each peer for its totals",
+            )),
             Request::RegisterParticipant { name } => self.register_participant(name),
             Request::UnregisterParticipant { name } => {
                 if self.participants().remove(&name) {

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use peerbus_client::{Client, ClientError};
 use peerbus_net::{ConnCtx, Service};
 use peerbus_proto::{
-    Batch, ErrorCode, FileHit, FileHolder, MessageSet, PeerAuth, Request, Response, Retention,
-    ServerFrame, Subscribe, SubscriberInfo, TopicLocation, TopicStats, WireError,
+    Batch, ErrorCode, FileHit, FileHolder, MessageSet, NodeTotals, PeerAuth, Request, Response,
+    Retention, ServerFrame, Subscribe, SubscriberInfo, TopicLocation, TopicStats, WireError,
 };
 use peerbus_store::{Backend, Op, Table, TopicMeta, Writer};
 use tokio_util::sync::CancellationToken;
@@ -973,6 +973,28 @@ impl Node {
         Ok(())
     }
 
+    /// Totals over every hosted topic, each topic's lock taken briefly in turn.
+    fn totals(&self) -> NodeTotals {
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .lock()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut totals = NodeTotals {
+            topics: topics.len() as u64,
+            ..NodeTotals::default()
+        };
+        for t in topics {
+            let st = t.state.lock().expect("topic lock");
+            totals.subscribers += st.subscribers.len() as u64;
+            totals.messages += st.retained.next() - st.retained.low();
+            totals.bytes += st.retained.bytes();
+        }
+        totals
+    }
+
     fn stats(&self, t: &Topic) -> TopicStats {
         let st = t.state.lock().expect("topic lock");
         TopicStats {
@@ -1330,6 +1352,10 @@ impl Service for PeerService {
                 let t = hosted_topic(hosted);
                 conn.reply(id, Ok(Response::TopicStats(node.stats(&t))))
                     .await;
+            }
+            Request::NodeStats => {
+                let totals = node.totals();
+                conn.reply(id, Ok(Response::NodeStats(totals))).await;
             }
             Request::CreateTopic {
                 topic,

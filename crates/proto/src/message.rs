@@ -337,6 +337,9 @@ pub enum Request {
         /// The pass is complete.
         last: bool,
     },
+    /// Totals over every topic a peer hosts, answered [`Response::NodeStats`]: what a
+    /// gateway's `/metrics` needs, in one request per peer instead of one per topic.
+    NodeStats,
 }
 
 impl Request {
@@ -393,6 +396,7 @@ impl Request {
             Request::Ack { .. } => "ack",
             Request::SyncTopics { .. } => "sync_topics",
             Request::SyncFiles { .. } => "sync_files",
+            Request::NodeStats => "node_stats",
         }
     }
 }
@@ -684,6 +688,21 @@ pub enum Response {
     Participants(Vec<String>),
     /// Answer to [`Request::CreateTopics`]: how many topics each host took.
     Created(Vec<CreatedOn>),
+    /// Answer to [`Request::NodeStats`].
+    NodeStats(NodeTotals),
+}
+
+/// Totals over the topics one peer hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeTotals {
+    /// Topics hosted.
+    pub topics: u64,
+    /// Durable subscribers, summed over the topics.
+    pub subscribers: u64,
+    /// Messages retained.
+    pub messages: u64,
+    /// Payload bytes retained.
+    pub bytes: u64,
 }
 
 /// How many topics of a [`Request::CreateTopics`] one peer now hosts.
