@@ -105,6 +105,7 @@ fn harness() -> &'static Harness {
             match c
                 .ask(Request::SearchFiles {
                     pattern: String::new(),
+                    after: None,
                 })
                 .await
             {
@@ -393,7 +394,13 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
         }),
         2 => Request::Keepalive(auth(u)?),
         3 => Request::Leave(auth(u)?),
-        4 => Request::ListPeers,
+        4 => Request::ListPeers {
+            after: if u.ratio(1, 3)? {
+                Some(small_u64(u)?)
+            } else {
+                None
+            },
+        },
         5 => Request::AnnounceTopics {
             auth: auth(u)?,
             topics: vec![topic(u)?, topic(u)?],
@@ -487,6 +494,11 @@ fn request(u: &mut Unstructured, h: &Harness) -> Result<Request> {
         },
         20 => Request::SearchFiles {
             pattern: pick(u, &["", "hello", "PIECES", "docs/", "x"])?,
+            after: if u.ratio(1, 3)? {
+                Some((pick(u, &["", "hello.txt", "z"])?, file_key(u, h)?))
+            } else {
+                None
+            },
         },
         21 => Request::LookupFile {
             key: file_key(u, h)?,
@@ -557,7 +569,7 @@ fn every_request_kind_is_generated(r: &Request) -> u8 {
         Request::Register(_) => 1,
         Request::Keepalive(_) => 2,
         Request::Leave(_) => 3,
-        Request::ListPeers => 4,
+        Request::ListPeers { .. } => 4,
         Request::AnnounceTopics { .. } => 5,
         Request::WithdrawTopics { .. } => 6,
         Request::LookupTopic { .. } => 7,

@@ -210,9 +210,18 @@ impl Client {
 
     /// Every peer the index knows.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
-        match self.index_request(Request::ListPeers).await? {
-            Response::Peers(p) => Ok(p),
-            other => Err(unexpected(&self.inner.index, &other)),
+        let mut all: Vec<PeerInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|p| p.id);
+            let page = match self.index_request(Request::ListPeers { after }).await? {
+                Response::Peers(p) => p,
+                other => return Err(unexpected(&self.inner.index, &other)),
+            };
+            let done = page.len() < peerbus_proto::PEER_PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
         }
     }
 

@@ -83,28 +83,44 @@ impl Client {
         .map(drop)
     }
 
-    /// Files whose name contains `pattern` (case-insensitive), from the index.
+    /// Files whose name contains `pattern` (case-insensitive), from the index, in
+    /// `(name, hash)` order; asks page after page.
     pub async fn search_files(&self, pattern: &str) -> Result<Vec<FileHit>> {
-        let r = self
-            .index_request(Request::SearchFiles {
-                pattern: pattern.to_string(),
-            })
-            .await?;
-        files_of(self.index_addr(), r)
+        let index = self.index_addr().to_string();
+        self.all_file_pages(&index, pattern).await
     }
 
-    /// A peer's own file index, asked of the peer directly.
+    /// A peer's own file index, asked of the peer directly, page after page.
     pub async fn peer_files(&self, addr: &str, pattern: &str) -> Result<Vec<FileHit>> {
-        let r = self
-            .request_at(
-                addr,
-                Request::SearchFiles {
-                    pattern: pattern.to_string(),
-                },
-                false,
-            )
-            .await?;
-        files_of(addr, r)
+        self.all_file_pages(addr, pattern).await
+    }
+
+    /// One page of matching files from the node at `addr`: the hits after `after` (the
+    /// `(name, hash)` of the previous page's last hit); an empty page is the end.
+    pub async fn search_files_page(
+        &self,
+        addr: &str,
+        pattern: &str,
+        after: Option<(String, String)>,
+    ) -> Result<Vec<FileHit>> {
+        let req = Request::SearchFiles {
+            pattern: pattern.to_string(),
+            after,
+        };
+        files_of(addr, self.request_at(addr, req, true).await?)
+    }
+
+    async fn all_file_pages(&self, addr: &str, pattern: &str) -> Result<Vec<FileHit>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.search_files_page(addr, pattern, after).await?;
+            let Some(last) = page.last() else {
+                return Ok(all);
+            };
+            after = Some((last.name.clone(), last.hash.clone()));
+            all.extend(page);
+        }
     }
 
     /// Asks every active peer for its own matching files and merges the answers by hash,

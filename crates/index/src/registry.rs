@@ -876,9 +876,14 @@ impl Registry {
     }
 
     /// Every known peer, by id.
-    pub fn list_peers(&self, now_ms: u64) -> Vec<PeerInfo> {
+    pub fn list_peers(&self, after: Option<u64>, now_ms: u64) -> Vec<PeerInfo> {
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(id),
+            None => std::ops::Bound::Unbounded,
+        };
         self.peers
-            .iter()
+            .range((from, std::ops::Bound::Unbounded))
+            .take(peerbus_proto::PEER_PAGE)
             .map(|(&id, p)| {
                 let rec = &p.rec;
                 let recent = rec
@@ -1134,9 +1139,9 @@ impl Registry {
     ///
     /// Scans every file: a substring match cannot use an index, and 100k names are
     /// lowercased and compared in milliseconds.
-    pub fn search_files(&self, pattern: &str) -> Vec<FileHit> {
+    pub fn search_files(&self, pattern: &str, after: Option<&(String, String)>) -> Vec<FileHit> {
         let pattern = pattern.to_lowercase();
-        let mut hits: Vec<FileHit> = self
+        let hits: Vec<FileHit> = self
             .files
             .iter()
             .filter(|(_, holders)| {
@@ -1147,8 +1152,7 @@ impl Registry {
             })
             .filter_map(|(hash, holders)| self.file_hit(hash, holders))
             .collect();
-        hits.sort_unstable_by(|a, b| (&a.name, &a.hash).cmp(&(&b.name, &b.hash)));
-        hits
+        peerbus_proto::page_of_hits(hits, after)
     }
 
     /// One file: by hash when `key` is 64 hex digits, else by exact name. Two different
@@ -1300,7 +1304,7 @@ mod tests {
     }
 
     fn peer_info(reg: &Registry, id: u64, now: u64) -> PeerInfo {
-        reg.list_peers(now)
+        reg.list_peers(None, now)
             .into_iter()
             .find(|p| p.id == id)
             .expect("peer listed")
@@ -1420,7 +1424,7 @@ mod tests {
         assert_eq!(r.replaced, Some(1));
         assert!(changes.contains(&Change::PeerRemoved(1)));
         assert!(!changes.iter().any(|c| matches!(c, Change::Peer(1, _))));
-        assert_eq!(reg.list_peers(T0).len(), 1);
+        assert_eq!(reg.list_peers(None, T0).len(), 1);
     }
 
     #[test]
@@ -1474,7 +1478,7 @@ mod tests {
         assert!(changes.contains(&Change::PeerRemoved(1)), "{changes:?}");
         assert!(!changes.contains(&Change::PeerRemoved(2)));
         let names: Vec<String> = reg
-            .list_peers(T0 + TTL + RECORD_RETENTION_MS)
+            .list_peers(None, T0 + TTL + RECORD_RETENTION_MS)
             .into_iter()
             .map(|p| p.name)
             .collect();
@@ -1856,11 +1860,15 @@ mod tests {
                 Change::File(1, file("f4", 4)),
             ]
         );
-        let names: Vec<String> = reg.search_files("").into_iter().map(|h| h.name).collect();
+        let names: Vec<String> = reg
+            .search_files("", None)
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
         assert_eq!(names, ["f2", "f4"]);
         let (diff, _) = reg.register_files(&a, &files(&[]), true).unwrap();
         assert_eq!((diff.removed, diff.total), (2, 0));
-        assert!(reg.search_files("").is_empty());
+        assert!(reg.search_files("", None).is_empty());
         assert_eq!(peer_info(&reg, 1, T0).files, 0);
     }
 
@@ -1951,7 +1959,11 @@ mod tests {
             .unwrap();
         reg.register_files(&b, &files(&[("report.pdf", 3), ("other", 1)]), false)
             .unwrap();
-        let found: Vec<_> = reg.search_files("REPORT").iter().map(hit_summary).collect();
+        let found: Vec<_> = reg
+            .search_files("REPORT", None)
+            .iter()
+            .map(hit_summary)
+            .collect();
         assert_eq!(
             found,
             vec![
@@ -1961,13 +1973,17 @@ mod tests {
                 ("report.pdf".into(), hash(3), vec![2]),
             ]
         );
-        let hit = &reg.search_files("zeta")[0];
+        let hit = &reg.search_files("zeta", None)[0];
         assert_eq!((hit.size, hit.peers[0].name.as_str()), (400, "ccc"));
         assert_eq!(hit.peers[0].addr, "ccc.example:7000");
-        let all: Vec<String> = reg.search_files("").into_iter().map(|h| h.name).collect();
+        let all: Vec<String> = reg
+            .search_files("", None)
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
         assert_eq!(all, ["notes.txt", "report.pdf", "report.pdf", "zeta.pdf"]);
-        assert!(reg.search_files("nothing").is_empty());
-        assert_eq!(reg.search_files(".PDF").len(), 3);
+        assert!(reg.search_files("nothing", None).is_empty());
+        assert_eq!(reg.search_files(".PDF", None).len(), 3);
     }
 
     #[test]
@@ -2027,7 +2043,7 @@ mod tests {
             }]
         );
         assert!(changes.contains(&Change::FileRemoved(2, hash(3))));
-        assert!(reg.search_files("").is_empty());
+        assert!(reg.search_files("", None).is_empty());
         assert_eq!(reg.counts(), (2, 0, 0));
     }
 
@@ -2199,7 +2215,7 @@ mod scale {
             reg.lookup_file("dir/File012345.bin").unwrap().hash,
             hash(12_345)
         );
-        let found = reg.search_files("file01234");
+        let found = reg.search_files("file01234", None);
         let names: Vec<&str> = found.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names.len(), 10);
         assert_eq!(names[0], "dir/File012340.bin");

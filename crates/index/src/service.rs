@@ -360,7 +360,9 @@ impl IndexService {
                     Self::log_diff(&diff, auth.peer_id);
                     Response::Ok
                 }),
-            Request::ListPeers => Ok(Response::Peers(self.read(|reg, now| reg.list_peers(now)))),
+            Request::ListPeers { after } => Ok(Response::Peers(
+                self.read(|reg, now| reg.list_peers(after, now)),
+            )),
             Request::LookupTopic { topic } => self
                 .read(|reg, _| reg.lookup(&topic))
                 .map(Response::Location),
@@ -462,8 +464,8 @@ impl IndexService {
                     self.changed.notify_one();
                     Response::Ok
                 }),
-            Request::SearchFiles { pattern } => Ok(Response::Files(
-                self.read(|reg, _| reg.search_files(&pattern)),
+            Request::SearchFiles { pattern, after } => Ok(Response::Files(
+                self.read(|reg, _| reg.search_files(&pattern, after.as_ref())),
             )),
             Request::LookupFile { key } => self
                 .read(|reg, _| reg.lookup_file(&key))

@@ -170,10 +170,10 @@ mod tests {
 
         let (loaded, cleanup) = load(&backend, 10_000).unwrap();
         assert!(cleanup.is_empty());
-        assert_eq!(loaded.list_peers(2_000), reg.list_peers(2_000));
-        assert_eq!(loaded.list_peers(2_000)[0].files, 1);
+        assert_eq!(loaded.list_peers(None, 2_000), reg.list_peers(None, 2_000));
+        assert_eq!(loaded.list_peers(None, 2_000)[0].files, 1);
         assert_eq!(loaded.list_topics(None, None), reg.list_topics(None, None));
-        assert_eq!(loaded.search_files(""), reg.search_files(""));
+        assert_eq!(loaded.search_files("", None), reg.search_files("", None));
         assert_eq!(loaded.lookup_file("kept").unwrap().hash, "a".repeat(64));
         let mut loaded = loaded;
         let (again, _) = loaded

@@ -116,6 +116,7 @@ async fn register_files(
 async fn search(conn: &Connection, pattern: &str) -> Result<Vec<FileHit>> {
     let req = Request::SearchFiles {
         pattern: pattern.into(),
+        after: None,
     };
     match conn.request(req, false).await? {
         Response::Files(hits) => Ok(hits),
@@ -146,7 +147,10 @@ fn holders_owned(peers: &[peerbus_proto::FileHolder]) -> Vec<String> {
 }
 
 async fn peers(conn: &Connection) -> Result<Vec<PeerInfo>> {
-    match conn.request(Request::ListPeers, false).await? {
+    match conn
+        .request(Request::ListPeers { after: None }, false)
+        .await?
+    {
         Response::Peers(p) => Ok(p),
         other => bail!("expected Peers, got {other:?}"),
     }

@@ -360,13 +360,14 @@ impl Node {
     }
 
     /// Files of this peer's own share whose name contains `pattern`, case-insensitively.
-    fn search_share(&self, pattern: &str) -> Vec<FileHit> {
+    /// One page of the shared files whose name contains `pattern`.
+    fn search_share(&self, pattern: &str, after: Option<&(String, String)>) -> Vec<FileHit> {
         let Some(share) = &self.share else {
             return Vec::new();
         };
         let pattern = pattern.to_lowercase();
         let holder = self.holder();
-        share
+        let hits = share
             .files()
             .into_iter()
             .filter(|e| e.name.to_lowercase().contains(&pattern))
@@ -376,7 +377,8 @@ impl Node {
                 hash: e.hash,
                 peers: vec![holder.clone()],
             })
-            .collect()
+            .collect();
+        peerbus_proto::page_of_hits(hits, after)
     }
 
     /// The shared file with this hash, or the error a downloader gets.
@@ -1411,9 +1413,9 @@ impl Service for PeerService {
                     conn.reply(id, Err(e)).await;
                 }
             },
-            Request::SearchFiles { pattern } => {
-                conn.reply(id, Ok(Response::Files(node.search_share(&pattern))))
-                    .await;
+            Request::SearchFiles { pattern, after } => {
+                let hits = node.search_share(&pattern, after.as_ref());
+                conn.reply(id, Ok(Response::Files(hits))).await;
             }
             Request::LookupFile { key } => {
                 match node.share.as_ref().and_then(|s| s.find(&key)) {
@@ -1454,7 +1456,7 @@ impl Service for PeerService {
                     }
                 }
             }
-            req @ (Request::ListPeers
+            req @ (Request::ListPeers { .. }
             | Request::LookupTopic { .. }
             | Request::ListTopics { .. }) => {
                 // A thin client may use any node: ask the index on its behalf.

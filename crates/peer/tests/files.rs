@@ -104,6 +104,7 @@ async fn search(conn: &Connection, pattern: &str) -> Result<Vec<FileHit>, Client
         .request(
             Request::SearchFiles {
                 pattern: pattern.into(),
+                after: None,
             },
             false,
         )

@@ -27,6 +27,53 @@ pub const PROTOCOL: &str = "peerbus/1";
 /// Entries one list answer carries at most; longer lists are paged.
 pub const LIST_PAGE: usize = 10_000;
 
+/// Peers one [`Request::ListPeers`] answer carries at most (at 255-byte names and
+/// addresses, about 4 MiB).
+pub const PEER_PAGE: usize = 4096;
+
+/// Hits one [`Request::SearchFiles`] answer carries at most.
+pub const FILE_PAGE: usize = 1024;
+
+/// Bytes of hits one [`Request::SearchFiles`] answer carries at most (roughly: names,
+/// hashes and holders), since one file may have many holders.
+pub const FILE_PAGE_BYTES: usize = 4 << 20;
+
+/// The page of `hits` that follows `after` (a `(name, hash)`) in `(name, hash)` order: at
+/// most [`FILE_PAGE`] hits and about [`FILE_PAGE_BYTES`] (always at least one hit when any
+/// follows). Index and peers answer [`Request::SearchFiles`] with it. Linear in the number
+/// of hits, however far the page is into them.
+pub fn page_of_hits(hits: Vec<FileHit>, after: Option<&(String, String)>) -> Vec<FileHit> {
+    let key = |h: &FileHit| (h.name.clone(), h.hash.clone());
+    let mut rest: Vec<FileHit> = match after {
+        Some(a) => hits.into_iter().filter(|h| &key(h) > a).collect(),
+        None => hits,
+    };
+    let by_key = |a: &FileHit, b: &FileHit| (&a.name, &a.hash).cmp(&(&b.name, &b.hash));
+    if rest.len() > FILE_PAGE {
+        rest.select_nth_unstable_by(FILE_PAGE, by_key);
+        rest.truncate(FILE_PAGE);
+    }
+    rest.sort_unstable_by(by_key);
+    let mut bytes = 0;
+    let mut keep = 0;
+    for h in &rest {
+        let size = 96
+            + h.name.len()
+            + h.hash.len()
+            + h.peers
+                .iter()
+                .map(|p| 16 + p.name.len() + p.addr.len())
+                .sum::<usize>();
+        if keep > 0 && bytes + size > FILE_PAGE_BYTES {
+            break;
+        }
+        bytes += size;
+        keep += 1;
+    }
+    rest.truncate(keep);
+    rest
+}
+
 /// Topics one [`Request::SyncTopics`] chunk carries at most (at 255 bytes a name, about
 /// 4 MiB: well under the frame limit).
 pub const SYNC_TOPICS_CHUNK: usize = 16_384;
@@ -89,5 +136,58 @@ mod secret_tests {
         assert!(!same_secret(b"token", b"tokem"));
         assert!(!same_secret(b"token", b"token2"));
         assert!(!same_secret(b"token", b""));
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    fn hit(name: &str, hash: char, holders: usize) -> FileHit {
+        FileHit {
+            name: name.into(),
+            size: 1,
+            hash: hash.to_string().repeat(64),
+            peers: (0..holders)
+                .map(|i| FileHolder {
+                    peer_id: i as u64,
+                    name: format!("peer{i}"),
+                    addr: "x".repeat(200),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pages_follow_name_then_hash_order_and_end_empty() {
+        let hits: Vec<FileHit> = (0..FILE_PAGE + 10)
+            .map(|i| hit(&format!("f{:05}", (i * 7919) % (FILE_PAGE + 10)), 'a', 1))
+            .chain([hit("f00003", 'b', 1)])
+            .collect();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = page_of_hits(hits.clone(), after.as_ref());
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= FILE_PAGE);
+            after = page.last().map(|h| (h.name.clone(), h.hash.clone()));
+            seen.extend(page.into_iter().map(|h| (h.name, h.hash)));
+        }
+        assert_eq!(seen.len(), FILE_PAGE + 11, "every hit once");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+    }
+
+    #[test]
+    fn a_page_is_bounded_in_bytes_but_never_empty_when_hits_follow() {
+        // Files with a thousand holders each: about 230 KB a hit.
+        let hits: Vec<FileHit> = (0..40)
+            .map(|i| hit(&format!("f{i:02}"), 'a', 1000))
+            .collect();
+        let page = page_of_hits(hits.clone(), None);
+        assert!(page.len() < 40 && !page.is_empty(), "{}", page.len());
+        let huge = vec![hit("one", 'a', 30_000)];
+        assert_eq!(page_of_hits(huge, None).len(), 1);
     }
 }

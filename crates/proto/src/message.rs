@@ -107,8 +107,12 @@ pub enum Request {
     Keepalive(PeerAuth),
     /// A peer leaves: it is marked inactive and its entries are withdrawn at once.
     Leave(PeerAuth),
-    /// Lists every known peer.
-    ListPeers,
+    /// Lists the known peers in id order, at most [`crate::PEER_PAGE`] of them after `after`
+    /// (the last id of the previous page); a full page may be followed by more.
+    ListPeers {
+        /// Only peers with a higher id.
+        after: Option<u64>,
+    },
     /// A peer claims topics as their host. With `replace`, the claimed set replaces everything
     /// the peer hosted before (used when re-announcing after a reconnect).
     AnnounceTopics {
@@ -225,6 +229,10 @@ pub enum Request {
     SearchFiles {
         /// Substring to look for.
         pattern: String,
+        /// Only hits after this `(name, hash)`, the last hit of the previous page. Hits come
+        /// in `(name, hash)` order, a page ([`crate::page_of_hits`]) at a time; an empty
+        /// page is the end.
+        after: Option<(String, String)>,
     },
     /// One file by exact name or BLAKE3 hash (hex), with its live holders.
     LookupFile {
@@ -366,7 +374,7 @@ impl Request {
             Request::Register(_) => "register",
             Request::Keepalive(_) => "keepalive",
             Request::Leave(_) => "leave",
-            Request::ListPeers => "list_peers",
+            Request::ListPeers { .. } => "list_peers",
             Request::AnnounceTopics { .. } => "announce_topics",
             Request::WithdrawTopics { .. } => "withdraw_topics",
             Request::LookupTopic { .. } => "lookup_topic",

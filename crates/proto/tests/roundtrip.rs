@@ -76,7 +76,7 @@ fn request() -> impl Strategy<Value = Request> {
             }),
         auth().prop_map(Request::Keepalive),
         auth().prop_map(Request::Leave),
-        Just(Request::ListPeers),
+        any::<Option<u64>>().prop_map(|after| Request::ListPeers { after }),
         (auth(), prop::collection::vec(name(), 0..4), any::<bool>()).prop_map(
             |(auth, topics, replace)| Request::AnnounceTopics {
                 auth,

@@ -262,7 +262,11 @@ async fn a_peer_cannot_act_in_another_peers_name_or_take_its_identity() {
     assert_eq!(code(r), Some(ErrorCode::Exists), "taking an active name");
 
     // A is untouched: active, same address, its topic and file still listed.
-    let Response::Peers(list) = a_conn.request(Request::ListPeers, true).await.unwrap() else {
+    let Response::Peers(list) = a_conn
+        .request(Request::ListPeers { after: None }, true)
+        .await
+        .unwrap()
+    else {
         panic!("unexpected answer to ListPeers");
     };
     assert_eq!(list.len(), 2, "{list:?}");

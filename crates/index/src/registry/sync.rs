@@ -158,7 +158,11 @@ mod tests {
             .sync_files(&a, 3, &files(vec![file('c')]), true)
             .unwrap();
         assert_eq!((diff.removed, diff.total), (1, 2));
-        let listed: Vec<String> = reg.search_files("").into_iter().map(|h| h.name).collect();
+        let listed: Vec<String> = reg
+            .search_files("", None)
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
         assert_eq!(listed.len(), 2);
         assert!(!listed.contains(&"a.bin".to_string()), "{listed:?}");
     }
