@@ -16,7 +16,9 @@ use crate::{Backend, Op, Result, StoreError, Table, TopicMeta, read_fits, valida
 const TOPICS: usize = 4;
 const MESSAGES: usize = 5;
 const OFFSETS: usize = 6;
-const KEYSPACES: usize = 7;
+/// Ids of deleted topics whose records are still being removed (empty values).
+const RECLAIM: usize = 7;
+const KEYSPACES: usize = 8;
 const NAMES: [&str; KEYSPACES] = [
     "meta",
     "peers",
@@ -25,6 +27,7 @@ const NAMES: [&str; KEYSPACES] = [
     "topics",
     "batches",
     "offsets",
+    "reclaim",
 ];
 
 /// The keyspace of an earlier storage format with one record per message (value:
@@ -44,7 +47,15 @@ pub struct FjallBackend {
     /// The lock holds each touched topic's [`Bounds`], so an append past the end reads
     /// nothing and a truncation reads only from where the last one stopped.
     apply_lock: Mutex<HashMap<u64, Bounds>>,
+    /// Deleted topics whose records are still on disk: [`Backend::reclaim`] removes them a
+    /// step at a time, and reads see none of them meanwhile.
+    doomed: Mutex<BTreeSet<u64>>,
 }
+
+/// Records one [`Backend::reclaim`] step removes at most: a step is one small write, so
+/// deleting a topic of millions of records never stalls the writer nor makes a write so
+/// large that fjall refuses it.
+const RECLAIM_KEYS: usize = 4096;
 
 impl std::fmt::Debug for FjallBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,8 +123,17 @@ impl FjallBackend {
             keyspaces,
             path: dir.to_path_buf(),
             apply_lock: Mutex::new(HashMap::new()),
+            doomed: Mutex::new(BTreeSet::new()),
         };
         backend.migrate_messages()?;
+        let unreclaimed = backend.unreclaimed()?;
+        if !unreclaimed.is_empty() {
+            tracing::info!(
+                "{} deleted topics still have records on disk; removing them",
+                unreclaimed.len()
+            );
+        }
+        *backend.doomed() = unreclaimed;
         Ok(backend)
     }
 
@@ -211,6 +231,42 @@ impl FjallBackend {
         Segment::decode(topic_id, first, Bytes::from(value))
     }
 
+    /// How many deleted topics still have records being removed.
+    pub fn reclaim_pending(&self) -> usize {
+        self.doomed().len()
+    }
+
+    fn doomed(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        // A set insert or remove cannot be left half done.
+        self.doomed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_doomed(&self, topic_id: u64) -> bool {
+        self.doomed().contains(&topic_id)
+    }
+
+    /// Deleted topics whose records are not all removed yet, from their markers.
+    fn unreclaimed(&self) -> Result<BTreeSet<u64>> {
+        let mut ids = BTreeSet::new();
+        for guard in self.keyspaces[RECLAIM].iter() {
+            let key = guard
+                .key()
+                .map_err(|e| self.fail("reading the deleted topics", e))?;
+            match <[u8; 8]>::try_from(key.as_ref()) {
+                Ok(id) => ids.insert(u64::from_be_bytes(id)),
+                Err(_) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "a deleted topic's id of {} bytes",
+                        key.len()
+                    )));
+                }
+            };
+        }
+        Ok(ids)
+    }
+
     fn fail(&self, what: &str, e: fjall::Error) -> StoreError {
         StoreError::Backend(format!("{what} in {}: {e}", self.path.display()))
     }
@@ -242,6 +298,22 @@ fn offset_key(topic_id: u64, subscriber: &str) -> Vec<u8> {
     key.extend_from_slice(&topic_id.to_be_bytes());
     key.extend_from_slice(subscriber.as_bytes());
     key
+}
+
+/// The `reclaim` key of a deleted topic: its id, big-endian.
+fn reclaim_key(topic_id: u64) -> Vec<u8> {
+    topic_id.to_be_bytes().to_vec()
+}
+
+/// The topic an op writes records or positions of, if any.
+fn written_topic(op: &Op) -> Option<u64> {
+    match op {
+        Op::PutTopic { meta, .. } => Some(meta.id),
+        Op::Append { topic_id, .. }
+        | Op::Truncate { topic_id, .. }
+        | Op::SetOffset { topic_id, .. } => Some(*topic_id),
+        _ => None,
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> Option<u64> {
@@ -347,6 +419,12 @@ impl Records {
         t.log.cut(0, below);
         t.below = t.below.max(below);
         Ok(())
+    }
+
+    /// Drops what this apply was going to write for the topic (it is being deleted; what
+    /// is stored is reclaimed later).
+    fn forget(&mut self, topic_id: u64) {
+        self.topics.remove(&topic_id);
     }
 
     /// Removes every message of the topic, stored or written earlier in this apply.
@@ -459,7 +537,20 @@ impl Backend for FjallBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut pending = Pending::default();
         let mut records = Records::default();
+        let mut deleted: Vec<u64> = Vec::new();
+        let mut revived: Vec<u64> = Vec::new();
         for op in ops {
+            // An id deleted before (in an earlier apply or this one) and written again,
+            // which a peer never does since it does not reuse ids, must not lose the new
+            // writes to the reclaim of the old ones: its old records go now, in this write.
+            if let Some(id) = written_topic(op)
+                && (deleted.contains(&id) || (self.is_doomed(id) && !revived.contains(&id)))
+            {
+                records.delete(self, id)?;
+                pending.remove(RECLAIM, reclaim_key(id));
+                deleted.retain(|&d| d != id);
+                revived.push(id);
+            }
             match op {
                 Op::PutTopic { name, meta } => {
                     let value = postcard::to_stdvec(meta).map_err(|e| {
@@ -469,7 +560,13 @@ impl Backend for FjallBackend {
                 }
                 Op::DeleteTopic { name, id } => {
                     pending.remove(TOPICS, name.as_bytes().to_vec());
-                    records.delete(self, *id)?;
+                    // Its records go later, a step at a time (`reclaim`); appends of this
+                    // apply still reach the disk, and are reclaimed with the rest.
+                    records.forget(*id);
+                    known.remove(id);
+                    deleted.push(*id);
+                    // Stored with the deletion, so a restart carries on removing.
+                    pending.put(RECLAIM, reclaim_key(*id), Vec::<u8>::new().into());
                     pending.remove_range(self, OFFSETS, &id.to_be_bytes(), None)?;
                 }
                 Op::Append {
@@ -516,7 +613,47 @@ impl Backend for FjallBackend {
         }
         batch.commit().map_err(|e| self.fail("write failed", e))?;
         known.extend(changed);
+        let mut doomed = self.doomed();
+        for id in revived {
+            doomed.remove(&id);
+        }
+        doomed.extend(deleted);
         Ok(())
+    }
+
+    fn reclaim(&self) -> Result<bool> {
+        let _turn = self
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(id) = self.doomed().first().copied() else {
+            return Ok(false);
+        };
+        let keys: Vec<Slice> = self.keyspaces[MESSAGES]
+            .prefix(id.to_be_bytes())
+            .take(RECLAIM_KEYS)
+            .map(|guard| {
+                guard
+                    .key()
+                    .map_err(|e| self.fail(&format!("reclaiming topic {id}"), e))
+            })
+            .collect::<Result<_>>()?;
+        if !keys.is_empty() {
+            let mut batch = self.db.batch().durability(None);
+            for key in &keys {
+                batch.remove(&self.keyspaces[MESSAGES], key.clone());
+            }
+            batch
+                .commit()
+                .map_err(|e| self.fail(&format!("reclaiming topic {id}"), e))?;
+        }
+        if keys.len() < RECLAIM_KEYS {
+            self.keyspaces[RECLAIM]
+                .remove(reclaim_key(id))
+                .map_err(|e| self.fail(&format!("reclaiming topic {id}"), e))?;
+            self.doomed().remove(&id);
+        }
+        Ok(!self.doomed().is_empty())
     }
 
     fn persist(&self, sync: bool) -> Result<()> {
@@ -554,7 +691,7 @@ impl Backend for FjallBackend {
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
         let mut messages = Vec::new();
-        if max_count == 0 {
+        if max_count == 0 || self.is_doomed(topic_id) {
             return Ok(messages);
         }
         // The record holding `from` starts at or before it; the rest start after it.
@@ -585,6 +722,9 @@ impl Backend for FjallBackend {
     }
 
     fn last_offset(&self, topic_id: u64) -> Result<Option<u64>> {
+        if self.is_doomed(topic_id) {
+            return Ok(None);
+        }
         Ok(self
             .last_record(topic_id)?
             .and_then(|(first, count)| (first + u64::from(count)).checked_sub(1)))
@@ -592,6 +732,9 @@ impl Backend for FjallBackend {
 
     fn sizes(&self, topic_id: u64) -> Result<Vec<(u64, u64, u32)>> {
         let mut sizes = Vec::new();
+        if self.is_doomed(topic_id) {
+            return Ok(sizes);
+        }
         for guard in self.keyspaces[MESSAGES].prefix(topic_id.to_be_bytes()) {
             sizes.extend(self.record(topic_id, guard)?.sizes());
         }

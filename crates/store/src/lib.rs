@@ -227,6 +227,14 @@ pub trait Backend: Send + Sync + 'static {
     fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// One registry value.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Frees one step of the space deleted topics still take. A deletion takes the topic
+    /// out at once (reads see none of it) but removes its records in steps afterwards, so
+    /// deleting a topic of millions of records neither stalls every other write behind
+    /// one huge one nor risks a write too large to make. Returns true while more is left;
+    /// the writer calls it when it has nothing else to do.
+    fn reclaim(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// fjall refuses empty keys and keys over 65535 bytes by panicking, so both backends check

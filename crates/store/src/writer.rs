@@ -142,9 +142,30 @@ fn run(backend: &dyn Backend, rx: &Receiver<Job>) {
     // Once a group fails, nothing later may be applied: jobs behind it were given positions
     // (offsets) that assume it is stored, so writing them would leave a hole in the log.
     let mut failed: Option<StoreError> = None;
-    // Blocking for the first job of a group; `recv` fails only once the queue is empty and
-    // shutdown dropped the sender.
-    while let Ok(first) = rx.recv() {
+    // Deleted topics left from before a restart may still have records to remove.
+    let mut reclaiming = true;
+    loop {
+        // Blocking for the first job of a group, unless deleted topics' space is left to
+        // free: then a step of that runs whenever no job waits. `recv` fails only once the
+        // queue is empty and shutdown dropped the sender.
+        let first = if reclaiming && failed.is_none() {
+            match rx.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => {
+                    reclaiming = backend.reclaim().unwrap_or_else(|e| {
+                        tracing::error!("freeing the space of deleted topics failed: {e}");
+                        false
+                    });
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            }
+        };
         if let Some(e) = &failed {
             answer(first.reply, Err(e.clone()));
             continue;
@@ -160,6 +181,9 @@ fn run(backend: &dyn Backend, rx: &Receiver<Job>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        reclaiming |= group
+            .iter()
+            .any(|j| j.ops.iter().any(|op| matches!(op, Op::DeleteTopic { .. })));
         if let Err(e) = commit(backend, group) {
             tracing::error!("{e}: refusing every later write");
             failed = Some(StoreError::Failed(e.to_string()));

@@ -723,3 +723,83 @@ proptest! {
         agree(&disk, &memory, from, max_count, max_bytes)?;
     }
 }
+
+/// Deleting a topic takes it out at once and removes its records in small steps
+/// afterwards, also across a restart, so a large topic's deletion is never one huge write.
+#[test]
+fn fjall_deletes_a_large_topic_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    // More records than three reclaim steps remove.
+    const RECORDS: u64 = 3 * 4096 + 5;
+    {
+        let backend = FjallBackend::open(dir.path()).unwrap();
+        backend
+            .apply(&[Op::PutTopic {
+                name: "big".into(),
+                meta: meta(1),
+            }])
+            .unwrap();
+        let ops: Vec<Op> = (0..RECORDS).map(|i| append(1, i, &[b"x"])).collect();
+        backend.apply(&ops).unwrap();
+        backend.apply(&[append(2, 0, &[b"other"])]).unwrap();
+        backend
+            .apply(&[Op::DeleteTopic {
+                name: "big".into(),
+                id: 1,
+            }])
+            .unwrap();
+        // Gone for readers at once, though its records are still on disk.
+        assert!(backend.read(1, 0, 10, usize::MAX).unwrap().is_empty());
+        assert_eq!(backend.last_offset(1).unwrap(), None);
+        assert!(backend.sizes(1).unwrap().is_empty());
+        assert_eq!(backend.reclaim_pending(), 1);
+        // One step, then a restart.
+        assert!(backend.reclaim().unwrap());
+        backend.persist(true).unwrap();
+    }
+    let backend = FjallBackend::open(dir.path()).unwrap();
+    assert_eq!(backend.reclaim_pending(), 1, "carried on after the restart");
+    assert!(backend.read(1, 0, 10, usize::MAX).unwrap().is_empty());
+    let mut steps = 0;
+    while backend.reclaim().unwrap() {
+        steps += 1;
+        assert!(steps < 10, "reclaim does not end");
+    }
+    assert_eq!(backend.reclaim_pending(), 0);
+    // Every record is gone now that reads are no longer held back, and nothing else was
+    // touched.
+    assert!(backend.read(1, 0, 10, usize::MAX).unwrap().is_empty());
+    assert_eq!(backend.last_offset(1).unwrap(), None);
+    assert_eq!(read_offsets(&backend, 2, 0, 10, usize::MAX), [0]);
+    drop(backend);
+    let backend = FjallBackend::open(dir.path()).unwrap();
+    assert_eq!(backend.reclaim_pending(), 0);
+}
+
+/// The writer frees deleted topics' space by itself when it has nothing else to do.
+#[test]
+fn the_writer_reclaims_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FjallBackend::open(dir.path()).unwrap());
+    let writer = Writer::start(backend.clone());
+    let ops: Vec<Op> = (0..10_000).map(|i| append(1, i, &[b"x"])).collect();
+    writer.submit(ops, false).blocking_recv().unwrap().unwrap();
+    writer
+        .submit(
+            vec![Op::DeleteTopic {
+                name: "big".into(),
+                id: 1,
+            }],
+            true,
+        )
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while backend.reclaim_pending() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never reclaimed");
+        std::thread::yield_now();
+    }
+    assert_eq!(backend.last_offset(1).unwrap(), None);
+    writer.shutdown();
+}
