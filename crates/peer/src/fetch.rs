@@ -123,9 +123,9 @@ impl Node {
         } else {
             hash.clone()
         };
-        let (root, from) = (share.root().to_path_buf(), partial.clone());
+        let (root, from, name) = (share.root().to_path_buf(), partial.clone(), hash.clone());
         let placed =
-            tokio::task::spawn_blocking(move || place_fetched(&root, &from, &hash, &offered))
+            tokio::task::spawn_blocking(move || place_fetched(&root, &from, &name, &offered))
                 .await
                 .map_err(internal)?;
         if let Err(e) = placed {
@@ -140,8 +140,12 @@ impl Node {
             hit.name,
             report.sources.join(", ")
         );
-        // The rescan hashes the new file from disk and registers it at the index.
-        self.rescan_share().await;
+        // Hashed from disk (what is offered is what is stored) and registered at the index.
+        match share.add_fetched(&hash).await {
+            Ok(changes) if !changes.is_empty() => self.tell_index(&changes).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot add the fetched copy of {hash} to the share: {e}"),
+        }
         let f = share.get(&report.hash).ok_or_else(|| {
             WireError::new(
                 ErrorCode::Internal,

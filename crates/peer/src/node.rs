@@ -436,7 +436,7 @@ impl Node {
     /// Sends share changes to the index, if a lease is held. Without one there is nothing
     /// to do: the next session registers the whole share (and the lease notices a share
     /// that changed while it was registering).
-    async fn tell_index(&self, changes: &Changes) {
+    pub(crate) async fn tell_index(&self, changes: &Changes) {
         let lease = self.lease.lock().expect("lease lock").clone();
         let Some(lease) = lease else {
             return;

@@ -204,6 +204,41 @@ impl Share {
         self.scan(false).await
     }
 
+    /// Adds the copy of `hash` a fetch just placed, hashing that one file instead of
+    /// walking the whole share (a walk per fetch made copying many files quadratic), and
+    /// returns what changed. It is offered unless a file with that content already is; the
+    /// next periodic rescan settles which name wins, as for any other file.
+    pub async fn add_fetched(&self, hash: &str) -> std::io::Result<Changes> {
+        let _scanning = self.scan.lock().await;
+        let (dir, name) = (self.root.join(FETCHED_DIR), hash.to_string());
+        let found = tokio::task::spawn_blocking(move || fetched_found(&dir, &name))
+            .await
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no fetched copy of {hash} in the share"),
+                )
+            })?;
+        let hashed = self
+            .hash_all(vec![found], false)
+            .await
+            .pop()
+            .ok_or_else(|| {
+                std::io::Error::other(format!("cannot hash the fetched copy of {hash}"))
+            })?;
+        let s = Arc::new(hashed);
+        let mut st = self.state.write().expect("share lock");
+        st.by_name.insert(s.rel.clone(), s.clone());
+        let mut changes = Changes::default();
+        if !st.by_hash.contains_key(&s.entry.hash) {
+            st.by_hash.insert(s.entry.hash.clone(), s.clone());
+            changes.added.push(s.entry.clone());
+            st.version += 1;
+        }
+        Ok(changes)
+    }
+
     /// Every offered file (one per content hash), sorted by name.
     pub fn files(&self) -> Vec<FileEntry> {
         self.snapshot().1
@@ -583,36 +618,36 @@ fn walk_fetched(dir: &Path, warned: &Mutex<HashSet<String>>) -> Vec<Found> {
             return Vec::new();
         }
     };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let Some(hash) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if !is_lower_hash(&hash) {
-            continue;
-        }
-        let path = dir.join(&hash);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let offered = std::fs::read_to_string(dir.join(format!("{hash}{NAME_SUFFIX}")))
-            .ok()
-            .map(|n| n.trim_end_matches('\n').to_string())
-            .filter(|n| valid_offered_name(n))
-            .unwrap_or_else(|| hash.clone());
-        out.push(Found {
-            name: format!("{FETCHED_DIR}/{hash}"),
-            offered,
-            path,
-            len: meta.len(),
-            mtime: meta.modified().ok(),
-            linked: false,
-        });
+    entries
+        .flatten()
+        .filter_map(|entry| fetched_found(dir, entry.file_name().to_str()?))
+        .collect()
+}
+
+/// The fetched copy named `hash` in the fetched directory `dir`, if it is one: a plain
+/// file named by a lowercase hash, offered under the name recorded beside it.
+fn fetched_found(dir: &Path, hash: &str) -> Option<Found> {
+    if !is_lower_hash(hash) {
+        return None;
     }
-    out
+    let path = dir.join(hash);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let offered = std::fs::read_to_string(dir.join(format!("{hash}{NAME_SUFFIX}")))
+        .ok()
+        .map(|n| n.trim_end_matches('\n').to_string())
+        .filter(|n| valid_offered_name(n))
+        .unwrap_or_else(|| hash.to_string());
+    Some(Found {
+        name: format!("{FETCHED_DIR}/{hash}"),
+        offered,
+        path,
+        len: meta.len(),
+        mtime: meta.modified().ok(),
+        linked: false,
+    })
 }
 
 fn read_piece_blocking(root: &Path, f: &SharedFile, index: u32) -> Result<Bytes, PieceError> {

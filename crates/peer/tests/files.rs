@@ -374,6 +374,9 @@ async fn a_peer_fetches_a_file_into_its_share_and_offers_it() -> Result<()> {
     );
 
     let conn_b = net.conn(b).await?;
+    // A file put in the fetcher's share behind its back waits for the periodic rescan: a
+    // fetch hashes only what it fetched, never walking the whole share.
+    write(&share_b.join("late.txt"), b"late")?;
     let r = fetch(&conn_b, "sets/data.bin")
         .await
         .context("fetch from holder")?;
@@ -400,6 +403,10 @@ async fn a_peer_fetches_a_file_into_its_share_and_offers_it() -> Result<()> {
             .any(|hit| hit.hash == h && hit.peers.iter().any(|p| p.name == "fetcher"))
     })
     .await?;
+    assert!(search(&conn_b, "late").await?.is_empty(), "not walked");
+    let changes = net.peers[b].rescan_share().await;
+    assert_eq!(changes.added.len(), 1, "{changes:?}");
+    assert_eq!(changes.added[0].name, "late.txt");
     // A second fetch has nothing to do, by hash or by name.
     assert!(fetch(&conn_b, &h).await?.sources.is_empty());
     assert!(fetch(&conn_b, "sets/data.bin").await?.sources.is_empty());
