@@ -224,12 +224,15 @@ impl Client {
         };
         std::fs::create_dir_all(&dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        // Unpredictable, and created only if new (below), so nobody who can write into
+        // the directory can plant a link there for the download to write through.
         let tmp = dir.join(format!(
-            ".{}.{}.part",
+            ".{}.{}.{:016x}.part",
             dest.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            &hit.hash[..16]
+            &hit.hash[..16],
+            rand::random::<u64>()
         ));
         let result = self
             .fetch_pieces(&hit, &manifest, sources, &tmp, progress.clone())
@@ -309,7 +312,10 @@ impl Client {
         tmp: &Path,
         progress: Option<Arc<dyn DownloadProgress>>,
     ) -> Result<Vec<String>> {
-        let file = std::fs::File::create(tmp)
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
             .map_err(io_err(format!("cannot create {}", tmp.display())))?;
         file.set_len(m.size)
             .map_err(io_err(format!("cannot size {}", tmp.display())))?;

@@ -81,6 +81,10 @@ pub struct SharedFile {
     /// Reached through a symlink (to a file or a directory) inside the share. When equal
     /// files are found under several names, a name without a link is offered.
     pub linked: bool,
+    /// Device and inode of the file that was hashed (where the platform has them): a read
+    /// checks the file it opened against them, so whatever is put at the path between the
+    /// path check and the open is never served.
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// What a rescan changed, as the index must be told.
@@ -434,8 +438,22 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
+/// Device and inode of an open file.
+#[cfg(unix)]
+fn file_id(file: &File) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(Some((m.dev(), m.ino())))
+}
+
+#[cfg(not(unix))]
+fn file_id(_file: &File) -> std::io::Result<Option<(u64, u64)>> {
+    Ok(None)
+}
+
 fn hash_file(f: &Found, on_read: &dyn Fn(u64)) -> std::io::Result<SharedFile> {
     let file = File::open(&f.path)?;
+    let id = file_id(&file)?;
     let manifest = tree::manifest(
         Counting {
             inner: file,
@@ -457,6 +475,7 @@ fn hash_file(f: &Found, on_read: &dyn Fn(u64)) -> std::io::Result<SharedFile> {
         mtime: f.mtime,
         len: f.len,
         linked: f.linked,
+        file_id: id,
     })
 }
 
@@ -658,6 +677,11 @@ fn read_piece_blocking(root: &Path, f: &SharedFile, index: u32) -> Result<Bytes,
         return Err(PieceError::Escaped);
     }
     let file = File::open(&resolved)?;
+    // The path may have been swapped between the check and the open: what was opened must
+    // be the file that was hashed.
+    if file_id(&file)? != f.file_id {
+        return Err(PieceError::Changed);
+    }
     let meta = file.metadata()?;
     if meta.len() != f.len || meta.modified().ok() != f.mtime {
         return Err(PieceError::Changed);

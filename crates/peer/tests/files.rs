@@ -325,6 +325,33 @@ async fn a_file_swapped_for_a_symlink_out_of_the_share_is_not_served() -> Result
     Ok(())
 }
 
+/// A file replaced by another of the same size and modification time (a different file at
+/// the same path) is not served as the one that was hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_swapped_for_another_at_its_path_is_not_served() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let share = dir.path().join("share");
+    write(&share.join("a.txt"), b"alpha")?;
+    let mut net = Net::start().await?;
+    let p = net.peer("swapped", Some(&share)).await?;
+    let conn = net.conn(p).await?;
+    let a = hash(b"alpha");
+    assert_eq!(piece(&conn, &a, 0).await?, &b"alpha"[..]);
+
+    let mtime = std::fs::metadata(share.join("a.txt"))?.modified()?;
+    let other = share.join("other.tmp");
+    write(&other, b"omega")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&other)?
+        .set_modified(mtime)?;
+    std::fs::rename(&other, share.join("a.txt"))?;
+    let e = piece(&conn, &a, 0).await.unwrap_err();
+    assert!(e.to_string().contains("changed since it was hashed"), "{e}");
+    net.stop().await;
+    Ok(())
+}
+
 async fn fetch(conn: &Connection, key: &str) -> Result<peerbus_proto::FetchReport, ClientError> {
     let req = Request::Fetch { key: key.into() };
     match conn.request(req, false).await? {
