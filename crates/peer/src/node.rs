@@ -255,7 +255,7 @@ impl Node {
             // and followers end. Unlike a deletion, nothing is removed from the store.
             let _st = t.state.lock().expect("topic lock");
             t.fenced.store(true, Ordering::Release);
-            t.deleted.cancel();
+            t.mark_deleted();
         }
     }
 
@@ -565,7 +565,7 @@ impl Node {
             // subscriptions), so the deletion is the last op ever queued for its id: nothing
             // written after it brings the topic back or leaves rows behind.
             let st = t.state.lock().expect("topic lock");
-            t.deleted.cancel();
+            t.mark_deleted();
             let mut ops = vec![Op::DeleteTopic {
                 name: topic.to_string(),
                 id: t.id,
@@ -649,7 +649,7 @@ impl Node {
         let mut st = t.state.lock().expect("topic lock");
         // Checked under the lock that deleting takes to cancel, so nothing is stored for a
         // topic once its deletion was queued.
-        if t.deleted.is_cancelled() {
+        if t.is_deleted() {
             return Err(WireError::topic_not_found(&t.name));
         }
         let mut record = None;
@@ -816,7 +816,7 @@ impl Node {
         offset: u64,
         ops: &mut Vec<Op>,
     ) {
-        if t.deleted.is_cancelled() {
+        if t.is_deleted() {
             // The deletion is queued already; a commit after it would bring rows back.
             return;
         }
@@ -881,7 +881,7 @@ impl Node {
         peerbus_proto::validate_subscriber(&s.subscriber)?;
         let hw = t.high_watermark();
         let mut st = t.state.lock().expect("topic lock");
-        if t.deleted.is_cancelled() {
+        if t.is_deleted() {
             return Err(WireError::topic_not_found(&t.name));
         }
         let now = now_ms();
@@ -920,7 +920,7 @@ impl Node {
             // earlier topic of the same name, is stale: read from the committed position
             // rather than fail every later pull.
             if let Err(e) = self.ack(t, subscriber, offset) {
-                if t.deleted.is_cancelled() {
+                if t.is_deleted() {
                     return Err(e);
                 }
                 tracing::debug!("ignored the commit sent with a pull: {e}");
@@ -962,7 +962,7 @@ impl Node {
             ));
         }
         let mut st = t.state.lock().expect("topic lock");
-        if t.deleted.is_cancelled() {
+        if t.is_deleted() {
             return Err(WireError::topic_not_found(&t.name));
         }
         if !st.subscribers.contains(subscriber) {
@@ -1096,36 +1096,26 @@ impl Appended {
                 // never happens: after a while the resender is told to try again, and by
                 // then the failed write has taken back the producer's state.
                 let end = first + u64::from(count);
-                let mut rx = t.durable.subscribe();
-                let give_up = tokio::time::sleep(DUPLICATE_WAIT);
-                tokio::pin!(give_up);
-                loop {
-                    if *rx.borrow_and_update() >= end {
-                        return Ok(Response::Published {
+                tokio::select! {
+                    r = t.durable_at(end) => match r {
+                        Some(_) => Ok(Response::Published {
                             first_offset: first,
                             count,
-                        });
+                        }),
+                        None => Err(WireError::topic_not_found(&t.name)),
+                    },
+                    _ = conn.closed.cancelled() => {
+                        Err(WireError::new(ErrorCode::Unavailable, "connection closed"))
                     }
-                    tokio::select! {
-                        c = rx.changed() => if c.is_err() {
-                            return Err(internal("the topic was dropped"));
-                        },
-                        _ = t.deleted.cancelled() => return Err(WireError::topic_not_found(&t.name)),
-                        _ = conn.closed.cancelled() => {
-                            return Err(WireError::new(ErrorCode::Unavailable, "connection closed"));
-                        }
-                        _ = &mut give_up => {
-                            return Err(WireError::new(
-                                ErrorCode::Unavailable,
-                                format!(
-                                    "the first copy of this resent batch to topic '{}' is \
-                                     not durable after {} s: send it again",
-                                    t.name,
-                                    DUPLICATE_WAIT.as_secs()
-                                ),
-                            ));
-                        }
-                    }
+                    _ = tokio::time::sleep(DUPLICATE_WAIT) => Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the first copy of this resent batch to topic '{}' is not durable \
+                             after {} s: send it again",
+                            t.name,
+                            DUPLICATE_WAIT.as_secs()
+                        ),
+                    )),
                 }
             }
         }
@@ -1218,28 +1208,26 @@ impl Service for PeerService {
                     Ok(set) if set.is_empty() && wait_ms > 0 => {
                         let (node, conn) = (node.clone(), conn.clone());
                         tokio::spawn(async move {
-                            let mut rx = t.durable.subscribe();
-                            let deadline = tokio::time::Instant::now()
-                                + Duration::from_millis(u64::from(wait_ms));
+                            let wait = Duration::from_millis(u64::from(wait_ms));
                             let start = set.first_offset;
-                            let r = loop {
-                                if *rx.borrow_and_update() > start {
-                                    // The read waits for outbox room below: hold a read slot.
-                                    let slot = tokio::select! {
-                                        s = conn.read_slot() => s,
-                                        _ = conn.closed.cancelled() => return,
-                                    };
-                                    let r = node.pull_now(&t, &subscriber, max, None);
-                                    conn.reply(id, r.map(Response::Messages)).await;
-                                    drop(slot);
-                                    return;
-                                }
-                                tokio::select! {
-                                    c = rx.changed() => if c.is_err() { break Ok(set.clone()) },
-                                    _ = tokio::time::sleep_until(deadline) => break Ok(set.clone()),
-                                    _ = t.deleted.cancelled() => break Err(WireError::topic_not_found(&t.name)),
-                                    _ = conn.closed.cancelled() => return,
-                                }
+                            let r = tokio::select! {
+                                r = t.durable_at(start + 1) => match r {
+                                    Some(_) => {
+                                        // The read waits for outbox room below: hold a read
+                                        // slot.
+                                        let slot = tokio::select! {
+                                            s = conn.read_slot() => s,
+                                            _ = conn.closed.cancelled() => return,
+                                        };
+                                        let r = node.pull_now(&t, &subscriber, max, None);
+                                        conn.reply(id, r.map(Response::Messages)).await;
+                                        drop(slot);
+                                        return;
+                                    }
+                                    None => Err(WireError::topic_not_found(&t.name)),
+                                },
+                                _ = tokio::time::sleep(wait) => Ok(set),
+                                _ = conn.closed.cancelled() => return,
                             };
                             conn.reply(id, r.map(Response::Messages)).await;
                         });
@@ -1552,19 +1540,17 @@ async fn follow(
             )
         })
     };
-    let mut durable = t.durable.subscribe();
     loop {
         let hw = t.high_watermark();
         if pos > hw {
             // Retention may move the low end past what is durable yet (the rest of a
             // batch is still being written): wait for the watermark instead of spinning.
             tokio::select! {
-                ok = async { durable.wait_for(|&v| v >= pos).await.is_ok() } => if !ok { return },
-                _ = stop.cancelled() => return,
-                _ = t.deleted.cancelled() => {
+                r = t.durable_at(pos) => if r.is_none() {
                     conn.send(deleted()).await;
                     return;
-                }
+                },
+                _ = stop.cancelled() => return,
             }
             continue;
         }
@@ -1612,7 +1598,7 @@ async fn follow(
             if t.high_watermark() != pos {
                 continue;
             }
-            if t.deleted.is_cancelled() {
+            if t.is_deleted() {
                 drop(st);
                 conn.send(deleted()).await;
                 return;
@@ -1639,7 +1625,7 @@ async fn follow(
                 leave();
                 return;
             }
-            _ = t.deleted.cancelled() => {
+            _ = t.deleted() => {
                 leave();
                 conn.send(deleted()).await;
                 return;

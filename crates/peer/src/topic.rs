@@ -2,12 +2,11 @@
 //! watermark that wakes readers.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use peerbus_proto::{Batch, MessageSet, Retention, StartFrom};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::cursors::Cursors;
 use crate::producers::Producers;
@@ -22,12 +21,19 @@ pub(crate) struct Topic {
     pub created_ms: u64,
     pub state: Mutex<TopicState>,
     /// Offset one past the last durable message; readers never look past it.
-    pub durable: watch::Sender<u64>,
-    /// Cancelled when the topic is deleted, ending its followers.
-    pub deleted: CancellationToken,
+    durable: AtomicU64,
+    /// Set when the topic is deleted, ending its followers.
+    deleted: AtomicBool,
+    /// Wakes whoever waits for the watermark to rise. With `gone`, 64 bytes instead of a
+    /// watch channel and a cancellation token (about 470 bytes together, most of it waiter
+    /// bookkeeping), since most topics of a large peer have no waiter at all.
+    changed: Notify,
+    /// Wakes whoever waits for the deletion; apart from `changed`, so a live follower
+    /// waiting for the end of its topic is not woken by every publish.
+    gone: Notify,
     /// Set before `deleted` when the topic was not deleted but is no longer served here
     /// (the index gave it to another peer): what ends its followers is then "not here".
-    pub fenced: std::sync::atomic::AtomicBool,
+    pub fenced: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -253,27 +259,69 @@ impl Topic {
                 live: Vec::new(),
                 tail: Tail::new(tails, NODE_TAIL_BYTES),
             }),
-            durable: watch::Sender::new(next),
-            deleted: CancellationToken::new(),
-            fenced: std::sync::atomic::AtomicBool::new(false),
+            durable: AtomicU64::new(next),
+            deleted: AtomicBool::new(false),
+            changed: Notify::new(),
+            gone: Notify::new(),
+            fenced: AtomicBool::new(false),
         }
     }
 
     /// Raises the durable high watermark (completions may be observed out of order; a later
     /// batch being durable implies every earlier one is, as the writer completes in order).
     pub fn mark_durable(&self, upto: u64) {
-        self.durable.send_if_modified(|v| {
-            if upto > *v {
-                *v = upto;
-                true
-            } else {
-                false
-            }
-        });
+        if self.durable.fetch_max(upto, Ordering::AcqRel) < upto {
+            self.changed.notify_waiters();
+        }
     }
 
     pub fn high_watermark(&self) -> u64 {
-        *self.durable.borrow()
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Marks the topic deleted and wakes everyone waiting on it.
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+        self.gone.notify_waiters();
+    }
+
+    /// True once the topic was deleted (or fenced).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Waits until the watermark reaches `offset` (returning it) or the topic is deleted
+    /// (`None`).
+    pub async fn durable_at(&self, offset: u64) -> Option<u64> {
+        loop {
+            // Registered before checking, so a change between the check and the wait
+            // still wakes this waiter.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_deleted() {
+                return None;
+            }
+            let hw = self.high_watermark();
+            if hw >= offset {
+                return Some(hw);
+            }
+            notified.await;
+        }
+    }
+
+    /// Completes once the topic is deleted.
+    pub async fn deleted(&self) {
+        loop {
+            let notified = self.gone.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_deleted() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

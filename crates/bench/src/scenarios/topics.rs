@@ -256,6 +256,11 @@ pub(crate) async fn clean_up(
     Ok(())
 }
 
+/// Resident memory gained per topic registered, when both figures are known.
+fn per_topic(before: Option<u64>, after: Option<u64>, topics: usize) -> Option<u64> {
+    Some(after?.saturating_sub(before?) / (topics.max(1) as u64))
+}
+
 /// This process's resident memory, in bytes (Linux), when it can be read.
 pub(crate) fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -306,6 +311,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
             "hosts",
             "rss_before_mib",
             "rss_after_mib",
+            "bytes_per_topic",
         ],
     );
     let na = || "unavailable".to_string();
@@ -320,6 +326,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
             .join(" "),
         rss_before.map_or_else(na, mib),
         rss_after.map_or_else(na, mib),
+        per_topic(rss_before, rss_after, n).map_or_else(na, |b| b.to_string()),
     ]);
 
     let mut table = Table::new(
@@ -372,10 +379,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Vec<String>> {
     }
     summary.push(match (rss_before, rss_after) {
         (Some(b), Some(a)) => format!(
-            "memory: process RSS {} MiB before registering, {} MiB after (+{} MiB; index, peers and bench share this process)",
+            "memory: process RSS {} MiB before registering, {} MiB after (+{} MiB, {} bytes per topic; index, peers and bench share this process)",
             mib(b),
             mib(a),
-            mib(a.saturating_sub(b))
+            mib(a.saturating_sub(b)),
+            per_topic(rss_before, rss_after, n).unwrap_or_default()
         ),
         _ => "memory: unavailable (the index runs in another process)".to_string(),
     });
