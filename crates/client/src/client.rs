@@ -1,6 +1,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,6 +44,8 @@ struct Inner {
     /// One slot per address, so connecting to a slow or dead node never delays requests to
     /// the others.
     conns: Mutex<HashMap<String, Slot>>,
+    /// Numbers connect attempts, so an attempt settles only its own slot.
+    next_attempt: AtomicU64,
     locations: Mutex<Bounded<String, String>>,
     batchers: Mutex<HashMap<String, Arc<Batcher>>>,
     /// Where each (topic, subscriber)'s last [`Client::pull`] ended: committed by its next
@@ -53,10 +56,10 @@ struct Inner {
 /// One attempt to open a connection, shared by everyone waiting for it.
 type Attempt = Shared<BoxFuture<'static, Result<Connection>>>;
 
-/// The connection to one address: open, or being opened.
+/// The connection to one address: open, or being opened (attempt `id`).
 enum Slot {
     Open(Connection),
-    Connecting(Attempt),
+    Connecting { id: u64, attempt: Attempt },
 }
 
 impl std::fmt::Debug for Slot {
@@ -64,7 +67,7 @@ impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Slot::Open(c) => f.debug_tuple("Open").field(c).finish(),
-            Slot::Connecting(_) => f.write_str("Connecting"),
+            Slot::Connecting { id, .. } => write!(f, "Connecting({id})"),
         }
     }
 }
@@ -148,6 +151,7 @@ impl Client {
                 index: index.into(),
                 token,
                 conns: Mutex::new(HashMap::new()),
+                next_attempt: AtomicU64::new(0),
                 locations: Mutex::new(Bounded::new(MAX_LOCATIONS)),
                 batchers: Mutex::new(HashMap::new()),
                 pulled: Mutex::new(Bounded::new(MAX_PULLED)),
@@ -168,33 +172,55 @@ impl Client {
             let mut conns = self.inner.conns.lock().expect("connections lock");
             match conns.get(addr) {
                 Some(Slot::Open(c)) if !c.is_closed() => return Ok(c.clone()),
-                Some(Slot::Connecting(a)) => a.clone(),
+                Some(Slot::Connecting { attempt, .. }) => attempt.clone(),
                 _ => {
-                    let (target, token) = (addr.to_string(), self.inner.token.clone());
-                    let a = async move { Connection::connect(&target, token.as_deref()).await }
-                        .boxed()
-                        .shared();
-                    conns.insert(addr.to_string(), Slot::Connecting(a.clone()));
-                    a
+                    let id = self.inner.next_attempt.fetch_add(1, Ordering::Relaxed);
+                    let attempt = self.start_connect(addr, id);
+                    conns.insert(
+                        addr.to_string(),
+                        Slot::Connecting {
+                            id,
+                            attempt: attempt.clone(),
+                        },
+                    );
+                    attempt
                 }
             }
         };
-        let r = attempt.clone().await;
-        let mut conns = self.inner.conns.lock().expect("connections lock");
-        // Only the caller that sees its own attempt still in the slot settles it.
-        if let Some(Slot::Connecting(a)) = conns.get(addr)
-            && a.ptr_eq(&attempt)
-        {
-            match &r {
-                Ok(c) => {
-                    conns.insert(addr.to_string(), Slot::Open(c.clone()));
-                }
-                Err(_) => {
-                    conns.remove(addr);
+        attempt.await
+    }
+
+    /// Opens a connection to `addr` in a task of its own, which also settles the slot: the
+    /// attempt runs to its end even when every caller waiting for it gave up, so nobody
+    /// later finds it half done (with a timeout long past) or stale.
+    fn start_connect(&self, addr: &str, id: u64) -> Attempt {
+        let (inner, addr) = (self.inner.clone(), addr.to_string());
+        let task = tokio::spawn(async move {
+            let r = Connection::connect(&addr, inner.token.as_deref()).await;
+            let mut conns = inner.conns.lock().expect("connections lock");
+            if matches!(conns.get(&addr), Some(Slot::Connecting { id: current, .. }) if *current == id)
+            {
+                match &r {
+                    Ok(c) => {
+                        conns.insert(addr.clone(), Slot::Open(c.clone()));
+                    }
+                    Err(_) => {
+                        conns.remove(&addr);
+                    }
                 }
             }
+            r
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(ClientError::Closed {
+                    addr: String::new(),
+                    reason: format!("the connecting task failed: {e}"),
+                })
+            })
         }
-        r
+        .boxed()
+        .shared()
     }
 
     /// Sends a request to the node at `addr`.
