@@ -43,9 +43,11 @@ pub const FILE_PAGE_BYTES: usize = 4 << 20;
 /// follows). Index and peers answer [`Request::SearchFiles`] with it. Linear in the number
 /// of hits, however far the page is into them.
 pub fn page_of_hits(hits: Vec<FileHit>, after: Option<&(String, String)>) -> Vec<FileHit> {
-    let key = |h: &FileHit| (h.name.clone(), h.hash.clone());
     let mut rest: Vec<FileHit> = match after {
-        Some(a) => hits.into_iter().filter(|h| &key(h) > a).collect(),
+        Some((name, hash)) => hits
+            .into_iter()
+            .filter(|h| (h.name.as_str(), h.hash.as_str()) > (name.as_str(), hash.as_str()))
+            .collect(),
         None => hits,
     };
     let by_key = |a: &FileHit, b: &FileHit| (&a.name, &a.hash).cmp(&(&b.name, &b.hash));
