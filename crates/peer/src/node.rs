@@ -156,10 +156,7 @@ impl Node {
             let (known, expired) =
                 Producers::load(producers.remove(&meta.id).unwrap_or_default(), loaded_ms);
             topic.state.lock().expect("topic lock").producers = known;
-            forgotten.extend(expired.into_iter().map(|p| Op::Remove {
-                table: Table::Meta,
-                key: producer_key(meta.id, p),
-            }));
+            forgotten.extend(expired.into_iter().map(|p| forget_producer(meta.id, p)));
             tracing::info!(
                 "loaded topic '{tname}': offsets {}..{}",
                 topic.state.lock().expect("topic lock").retained.low(),
@@ -167,12 +164,11 @@ impl Node {
             );
             topics.insert(tname, Arc::new(topic));
         }
-        forgotten.extend(producers.into_iter().flat_map(|(id, ps)| {
-            ps.into_keys().map(move |p| Op::Remove {
-                table: Table::Meta,
-                key: producer_key(id, p),
-            })
-        }));
+        forgotten.extend(
+            producers
+                .into_iter()
+                .flat_map(|(id, ps)| ps.into_keys().map(move |p| forget_producer(id, p))),
+        );
         if !forgotten.is_empty() {
             tracing::info!("forgetting {} idle idempotent producers", forgotten.len());
             backend.apply(&forgotten)?;
@@ -359,8 +355,8 @@ impl Node {
         }
     }
 
-    /// Files of this peer's own share whose name contains `pattern`, case-insensitively.
-    /// One page of the shared files whose name contains `pattern`.
+    /// One page of the files of this peer's own share whose name contains `pattern`,
+    /// case-insensitively.
     fn search_share(&self, pattern: &str, after: Option<&(String, String)>) -> Vec<FileHit> {
         let Some(share) = &self.share else {
             return Vec::new();
@@ -571,10 +567,7 @@ impl Node {
                 id: t.id,
             }];
             // Producer state lives in `meta`, which DeleteTopic does not touch.
-            ops.extend(st.producers.ids().map(|p| Op::Remove {
-                table: Table::Meta,
-                key: producer_key(t.id, p),
-            }));
+            ops.extend(st.producers.ids().map(|p| forget_producer(t.id, p)));
             self.store(ops, true)
         };
         let stored = done.await;
@@ -677,10 +670,7 @@ impl Node {
         }];
         let mut undo = None;
         if let Some((producer, sequence, previous, evicted)) = record {
-            ops.extend(evicted.into_iter().map(|p| Op::Remove {
-                table: Table::Meta,
-                key: producer_key(t.id, p),
-            }));
+            ops.extend(evicted.into_iter().map(|p| forget_producer(t.id, p)));
             let p = Produced {
                 sequence,
                 first,
@@ -991,7 +981,8 @@ impl Node {
         for t in topics {
             let st = t.state.lock().expect("topic lock");
             totals.subscribers += st.subscribers.len() as u64;
-            totals.messages += st.retained.next() - st.retained.low();
+            // As `stats` counts them: from the oldest retained to the durable end.
+            totals.messages += t.high_watermark().saturating_sub(st.retained.low());
             totals.bytes += st.retained.bytes();
         }
         totals
@@ -1007,6 +998,14 @@ impl Node {
             subscribers: st.subscribers.len() as u32,
             retention: t.retention,
         }
+    }
+}
+
+/// The op that removes a producer's stored state on a topic.
+fn forget_producer(topic_id: u64, producer: u64) -> Op {
+    Op::Remove {
+        table: Table::Meta,
+        key: producer_key(topic_id, producer),
     }
 }
 

@@ -438,22 +438,21 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
-/// Device and inode of an open file.
+/// Device and inode of a file.
 #[cfg(unix)]
-fn file_id(file: &File) -> std::io::Result<Option<(u64, u64)>> {
+fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
-    Ok(Some((m.dev(), m.ino())))
+    Some((m.dev(), m.ino()))
 }
 
 #[cfg(not(unix))]
-fn file_id(_file: &File) -> std::io::Result<Option<(u64, u64)>> {
-    Ok(None)
+fn file_id(_m: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
 }
 
 fn hash_file(f: &Found, on_read: &dyn Fn(u64)) -> std::io::Result<SharedFile> {
     let file = File::open(&f.path)?;
-    let id = file_id(&file)?;
+    let id = file_id(&file.metadata()?);
     let manifest = tree::manifest(
         Counting {
             inner: file,
@@ -677,13 +676,10 @@ fn read_piece_blocking(root: &Path, f: &SharedFile, index: u32) -> Result<Bytes,
         return Err(PieceError::Escaped);
     }
     let file = File::open(&resolved)?;
-    // The path may have been swapped between the check and the open: what was opened must
-    // be the file that was hashed.
-    if file_id(&file)? != f.file_id {
-        return Err(PieceError::Changed);
-    }
     let meta = file.metadata()?;
-    if meta.len() != f.len || meta.modified().ok() != f.mtime {
+    // The path may have been swapped between the check and the open: what was opened must
+    // be the file that was hashed, unchanged.
+    if file_id(&meta) != f.file_id || meta.len() != f.len || meta.modified().ok() != f.mtime {
         return Err(PieceError::Changed);
     }
     let m = &f.manifest;

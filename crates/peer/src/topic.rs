@@ -294,34 +294,33 @@ impl Topic {
     /// Waits until the watermark reaches `offset` (returning it) or the topic is deleted
     /// (`None`).
     pub async fn durable_at(&self, offset: u64) -> Option<u64> {
-        loop {
-            // Registered before checking, so a change between the check and the wait
-            // still wakes this waiter.
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        wait_for(&self.changed, || {
             if self.is_deleted() {
-                return None;
+                return Some(None);
             }
             let hw = self.high_watermark();
-            if hw >= offset {
-                return Some(hw);
-            }
-            notified.await;
-        }
+            (hw >= offset).then_some(Some(hw))
+        })
+        .await
     }
 
     /// Completes once the topic is deleted.
     pub async fn deleted(&self) {
-        loop {
-            let notified = self.gone.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_deleted() {
-                return;
-            }
-            notified.await;
+        wait_for(&self.gone, || self.is_deleted().then_some(())).await
+    }
+}
+
+/// Waits on `notify` until `ready` has an answer. Interest is registered before each
+/// check, so a notification between the check and the wait still wakes the waiter.
+async fn wait_for<T>(notify: &Notify, mut ready: impl FnMut() -> Option<T>) -> T {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(v) = ready() {
+            return v;
         }
+        notified.await;
     }
 }
 
