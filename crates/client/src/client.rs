@@ -195,6 +195,7 @@ impl Client {
     /// later finds it half done (with a timeout long past) or stale.
     fn start_connect(&self, addr: &str, id: u64) -> Attempt {
         let (inner, addr) = (self.inner.clone(), addr.to_string());
+        let target = addr.clone();
         let task = tokio::spawn(async move {
             let r = Connection::connect(&addr, inner.token.as_deref()).await;
             let mut conns = inner.conns.lock().expect("connections lock");
@@ -214,7 +215,7 @@ impl Client {
         async move {
             task.await.unwrap_or_else(|e| {
                 Err(ClientError::Closed {
-                    addr: String::new(),
+                    addr: target,
                     reason: format!("the connecting task failed: {e}"),
                 })
             })
