@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Slice};
@@ -51,9 +50,6 @@ pub struct FjallBackend {
     /// Deleted topics whose records are still on disk: [`Backend::reclaim`] removes them a
     /// step at a time, and reads see none of them meanwhile.
     doomed: Mutex<BTreeSet<u64>>,
-    /// How many ids `doomed` holds, set under its lock: reads and appends, which ask about
-    /// every topic they touch, skip the lock while no deletion is being reclaimed.
-    doomed_len: AtomicUsize,
 }
 
 /// Records one [`Backend::reclaim`] step removes at most: a step is one small write, so
@@ -128,7 +124,6 @@ impl FjallBackend {
             path: dir.to_path_buf(),
             apply_lock: Mutex::new(HashMap::new()),
             doomed: Mutex::new(BTreeSet::new()),
-            doomed_len: AtomicUsize::new(0),
         };
         backend.migrate_messages()?;
         let unreclaimed = backend.unreclaimed()?;
@@ -138,7 +133,7 @@ impl FjallBackend {
                 unreclaimed.len()
             );
         }
-        backend.set_doomed(|d| *d = unreclaimed);
+        *backend.doomed() = unreclaimed;
         Ok(backend)
     }
 
@@ -248,15 +243,8 @@ impl FjallBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Changes the doomed set, keeping its count in step.
-    fn set_doomed(&self, change: impl FnOnce(&mut BTreeSet<u64>)) {
-        let mut doomed = self.doomed();
-        change(&mut doomed);
-        self.doomed_len.store(doomed.len(), Ordering::Release);
-    }
-
     fn is_doomed(&self, topic_id: u64) -> bool {
-        self.doomed_len.load(Ordering::Acquire) > 0 && self.doomed().contains(&topic_id)
+        self.doomed().contains(&topic_id)
     }
 
     /// Deleted topics whose records are not all removed yet, from their markers.
@@ -625,12 +613,11 @@ impl Backend for FjallBackend {
         }
         batch.commit().map_err(|e| self.fail("write failed", e))?;
         known.extend(changed);
-        self.set_doomed(|doomed| {
-            for id in revived {
-                doomed.remove(&id);
-            }
-            doomed.extend(deleted);
-        });
+        let mut doomed = self.doomed();
+        for id in revived {
+            doomed.remove(&id);
+        }
+        doomed.extend(deleted);
         Ok(())
     }
 
@@ -664,9 +651,7 @@ impl Backend for FjallBackend {
             .commit()
             .map_err(|e| self.fail(&format!("reclaiming topic {id}"), e))?;
         if done {
-            self.set_doomed(|d| {
-                d.remove(&id);
-            });
+            self.doomed().remove(&id);
         }
         Ok(!self.doomed().is_empty())
     }
